@@ -1,0 +1,235 @@
+"""Datasets for SimCLR (arXiv 2002.05709): STL-10, CIFAR-10/100 and Fashion-MNIST through torchvision's own
+loaders, and a folder of images. Every sample is (RGB PIL image or transformed image, label; -1 when unlabeled).
+"""
+import gzip
+import hashlib
+import os
+import shutil
+import warnings
+
+import torch
+import torchvision
+from PIL import Image
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's package dataset-fashion-mnist
+
+# name -> default image size, normalisation, pretraining split, number of classes, how to get it
+DATASETS = {
+    "stl10": dict(size=96, mean=(0.4467, 0.4398, 0.4066), std=(0.2603, 0.2566, 0.2713),
+                  pretrain_split="train+unlabeled", num_classes=10,
+                  get="download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (2.6 GB) and extract "
+                      "it there (giving stl10_binary/), or run once with network access so torchvision downloads it"),
+    "cifar10": dict(size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                    pretrain_split="train", num_classes=10,
+                    get="download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it there, "
+                        "or run once with network access so torchvision downloads it"),
+    "cifar100": dict(size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                     pretrain_split="train", num_classes=100,
+                     get="download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it there, "
+                         "or run once with network access so torchvision downloads it"),
+    "fashion-mnist": dict(size=28, mean=(0.2860,) * 3, std=(0.3530,) * 3, pretrain_split="train", num_classes=10,
+                          get="run `apt-get install -y dataset-fashion-mnist` (files land in "
+                              f"{DEBIAN_FASHION_MNIST}), or put the four idx files of "
+                              "github.com/zalandoresearch/fashion-mnist in --data-dir"),
+    "folder": dict(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                   pretrain_split="unlabeled", num_classes=None,
+                   get="point --data-dir at a folder of images (class sub-folders of DIR/train and DIR/test "
+                       "for evaluation)"),
+}
+FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+
+
+class DatasetError(Exception):
+    """A dataset that is missing or unusable; the message is one line that says what to do."""
+
+
+class ToRGB:
+    """PIL image of any mode (L, RGBA, P, ...) -> RGB, so that every dataset yields 3 channels."""
+
+    def __call__(self, img):
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _with_rgb(transform):
+    return ToRGB() if transform is None else torchvision.transforms.Compose([ToRGB(), transform])
+
+
+def cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "simclr")
+
+
+class IdxFashionMNIST(torchvision.datasets.FashionMNIST):
+    """torchvision's FashionMNIST reading the four raw idx files from `raw_dir` (any folder)."""
+
+    def __init__(self, raw_dir, **kwargs):
+        self._raw_dir = raw_dir
+        super().__init__(raw_dir, download=False, **kwargs)
+
+    @property
+    def raw_folder(self):
+        return self._raw_dir
+
+
+def _fashion_mnist_raw_dir(folder):
+    """A folder with the four idx files uncompressed: `folder` itself, or a cache where .gz files are unpacked."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    if all(f in names for f in FMNIST_FILES):
+        return folder
+    if not all(f + ".gz" in names for f in FMNIST_FILES):
+        return None
+    out = os.path.join(cache_dir(), "fashion-mnist-" + hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10])
+    os.makedirs(out, exist_ok=True)
+    for f in FMNIST_FILES:
+        if not os.path.exists(os.path.join(out, f)):
+            tmp = os.path.join(out, f + f".tmp{os.getpid()}")
+            with gzip.open(os.path.join(folder, f + ".gz"), "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, os.path.join(out, f))
+    return out
+
+
+def _fashion_mnist(root, split, transform, download):
+    train = split == "train"
+    roots = [root] if root else [DEBIAN_FASHION_MNIST, "./data"]
+    for r in roots:  # a folder of idx files (.gz or not), or torchvision's layout r/FashionMNIST/raw
+        raw = _fashion_mnist_raw_dir(r)
+        if raw:
+            return IdxFashionMNIST(raw, train=train, transform=transform), raw
+        if os.path.isdir(os.path.join(r, "FashionMNIST", "raw")):
+            try:
+                return torchvision.datasets.FashionMNIST(r, train=train, transform=transform), r
+            except RuntimeError:
+                pass  # incomplete: download below
+    return torchvision.datasets.FashionMNIST(roots[-1], train=train, transform=transform, download=download), roots[-1]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Every readable image under `root`, recursively, without labels (target -1)."""
+
+    def __init__(self, root, transform=None):
+        check = ReadableImage()
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs
+                            if check(os.path.join(d, f)))
+        self.transform, self.skipped = transform, check.skipped
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        img, _ = _load_or_neighbour(self.files, index)
+        return (self.transform(img) if self.transform else img), -1
+
+
+class ReadableImage:
+    """is_valid_file for torchvision's ImageFolder: an image extension and a header PIL can read; the rest is
+    counted in `skipped`, so that a broken file costs one warning instead of a crash mid-epoch."""
+
+    def __init__(self):
+        self.skipped = []
+
+    def __call__(self, path):
+        if not path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+            return False
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 (parses the header)
+            return True
+        except Exception:  # any unreadable file: skip it, never crash
+            self.skipped.append(path)
+            return False
+
+
+def _load_or_neighbour(paths, index):
+    """(RGB image, its index): paths[index], or if that file is broken past its header, the next readable one."""
+    for k in range(len(paths)):
+        j = (index + k) % len(paths)
+        try:
+            return torchvision.datasets.folder.default_loader(paths[j]), j
+        except Exception as e:  # a truncated file: warn and go on with the next image
+            warnings.warn(f"skipping unreadable image {paths[j]}: {e}")
+    raise DatasetError("no image in the folder could be read")
+
+
+class SafeImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder that skips unreadable files instead of crashing."""
+
+    def __init__(self, root, transform=None):
+        check = ReadableImage()
+        super().__init__(root, transform=transform, is_valid_file=check)
+        self.skipped, self.paths = check.skipped, [p for p, _ in self.samples]
+
+    def __getitem__(self, index):
+        img, j = _load_or_neighbour(self.paths, index)
+        return (self.transform(img) if self.transform else img), self.targets[j]
+
+
+def _folder(root, split, transform):
+    if not root or not os.path.isdir(root):
+        raise DatasetError(f"folder: --data-dir {root!r} is not a folder; {DATASETS['folder']['get']}")
+    if split == "unlabeled":
+        sub = os.path.join(root, "train")
+        ds = ImageFiles(sub if os.path.isdir(sub) else root, transform)
+    else:
+        names = ["train"] if split == "train" else ["test", "val"]
+        sub = next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
+        if sub is None:
+            raise DatasetError(f"folder: no {' or '.join(names)} sub-folder in {root}; evaluation needs class "
+                               f"sub-folders in {root}/train and {root}/test (or {root}/val)")
+        try:
+            ds = SafeImageFolder(sub, transform)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DatasetError(f"folder: {sub} has no class sub-folders with readable images ({e}); "
+                               "put each class's images in DIR/{split}/CLASS/") from None
+    if ds.skipped:
+        warnings.warn(f"folder: skipped {len(ds.skipped)} file(s) that are not readable images, "
+                      f"e.g. {ds.skipped[0]}")
+    if len(ds) == 0:
+        raise DatasetError(f"folder: no readable image under {root}; {DATASETS['folder']['get']}")
+    return ds
+
+
+def get_dataset(name, root=None, split="train", transform=None, download=True):
+    """The dataset `name` (a key of DATASETS), split 'train', 'test', 'unlabeled' (STL-10 and folder) or
+    'train+unlabeled' (STL-10). Images reach `transform` as RGB PIL images; labels are ints, -1 if none.
+    root None: ./data (Fashion-MNIST: the Debian location first). Raises DatasetError, one line, if absent."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    transform = _with_rgb(transform)
+    if name == "folder":
+        return _folder(root, split, transform)
+    valid = ("train", "test", "unlabeled", "train+unlabeled") if name == "stl10" else ("train", "test")
+    if split not in valid:
+        raise DatasetError(f"{name} has no split {split!r}: choose one of {', '.join(valid)}")
+    where = root or "./data"
+    try:
+        if name == "stl10":
+            return torchvision.datasets.STL10(where, split=split, transform=transform, download=download)
+        if name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            return cls(where, train=split == "train", transform=transform, download=download)
+        ds, _ = _fashion_mnist(root, split, transform, download)
+        return ds
+    except (RuntimeError, OSError, ValueError) as e:
+        looked = where if root or name != "fashion-mnist" else f"{DEBIAN_FASHION_MNIST} and ./data"
+        reason = "download failed" if download else "download disabled"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetError(f"{name}: not found in {looked} ({reason}: {first}); to get it, "
+                           f"{DATASETS[name]['get']}") from None
+
+
+def num_classes(dataset):
+    """Number of classes of a labelled dataset built by get_dataset."""
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    return int(max(labels(dataset))) + 1
+
+
+def labels(dataset):
+    """All labels of a dataset built by get_dataset, as a LongTensor, without decoding any image."""
+    for attr in ("targets", "labels"):
+        if getattr(dataset, attr, None) is not None:
+            return torch.as_tensor(getattr(dataset, attr), dtype=torch.long)
+    if hasattr(dataset, "samples"):
+        return torch.tensor([t for _, t in dataset.samples])
+    return torch.full((len(dataset),), -1, dtype=torch.long)

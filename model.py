@@ -1,0 +1,95 @@
+"""SimCLR network: a torchvision ResNet encoder f(.) without its classifier and an MLP projection
+head g(.), as in "A Simple Framework for Contrastive Learning of Visual Representations" (arXiv 2002.05709).
+"""
+import torch
+import torch.nn as nn
+import torchvision
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
+
+
+def _init_conv(conv):
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # torchvision's ResNet init
+    return conv
+
+
+def scale_width(net, width):
+    """Multiply the channels of every conv/BN of a ResNet by `width` (the paper's width multiplier, 1x/2x/4x;
+    below 1x for cheap CPU runs). Module names and structure stay torchvision's."""
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d):
+                setattr(module, name, _init_conv(nn.Conv2d(
+                    _scaled(child.in_channels, width), _scaled(child.out_channels, width), child.kernel_size,
+                    child.stride, child.padding, groups=child.groups, bias=child.bias is not None)))
+            elif isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.BatchNorm2d(_scaled(child.num_features, width)))
+    return net
+
+
+def _scaled(channels, width):
+    return channels if channels == 3 else max(1, round(channels * width))  # the RGB input keeps 3
+
+
+def build_encoder(arch="resnet18", cifar_stem=False, width=1.0):
+    """A torchvision ResNet with `fc = nn.Identity()`; returns (encoder, feature dim). The last BN of each
+    residual block starts at zero, as in the official SimCLR ResNet (init_zero)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if not width > 0:
+        raise ValueError(f"width multiplier must be positive, got {width}")
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    if cifar_stem:  # small images: 3x3 stride-1 conv and no max-pool (paper, appendix B.9)
+        net.conv1 = _init_conv(nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False))
+        net.maxpool = nn.Identity()
+    if width != 1.0:
+        scale_width(net, width)
+        feat_dim = _scaled(feat_dim, width)
+        for m in net.modules():  # the new BNs start at one: zero the last BN of each block again
+            if isinstance(m, torchvision.models.resnet.Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, torchvision.models.resnet.BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+    return net, feat_dim
+
+
+class ProjectionHead(nn.Module):
+    """g(h) = W2 ReLU(BN(W1 h)). The paper's formula has no BN; its official code puts BN after the hidden
+    linear layer, which keeps the head well conditioned under LARS and large batches, and with global
+    (Sync)BN it sees the statistics of the whole batch. W1 has no bias since BN removes it."""
+
+    def __init__(self, in_dim, proj_dim=128, hidden_dim=None):
+        super().__init__()
+        hidden_dim = hidden_dim or in_dim
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, proj_dim),
+        )
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class SimCLR(nn.Module):
+    """forward(x) -> (h, z): h = f(x) the encoder features (512 for resnet18, 2048 for resnet50, times the
+    width multiplier), z = g(h) the projection that the NT-Xent loss sees. Keep h for downstream tasks."""
+
+    def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None):
+        super().__init__()
+        self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width)
+        self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim)
+
+    def forward(self, x):
+        h = self.encoder(x)  # (B, feat_dim)
+        z = self.projector(h)  # (B, proj_dim)
+        return h, z
+
+
+if __name__ == "__main__":
+    m = SimCLR()
+    h, z = m(torch.randn(2, 3, 96, 96))
+    print(h.shape, z.shape, sum(p.numel() for p in m.parameters()) / 1e6, "M parameters")

@@ -1,0 +1,77 @@
+import json
+import os
+
+import pytest
+import torch
+
+import eval_linear
+import train
+from conftest import write_cifar
+
+TINY = ["--dataset", "cifar10", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16", "--workers", "0",
+        "--log-every", "1", "--amp", "off", "--no-download"]
+
+
+def run_train(argv):
+    args = train.get_args_parser().parse_args(argv)
+    train.main(args)
+    return args
+
+
+def test_train_then_eval_then_resume(tmp_path, no_md5, capsys):
+    write_cifar(tmp_path / "data", n_train=40, n_test=20)
+    out = str(tmp_path / "run")
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", out]
+    run_train(common + ["--max-steps", "2"])
+    for f in ("last.pt", "metrics.jsonl", "curves.png", "augmentations.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["args"]["max_steps"] == 2
+    assert {"model", "optimizer", "scaler", "epoch", "rng"} <= set(ckpt)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+
+    capsys.readouterr()
+    eval_linear.main(eval_linear.get_args_parser().parse_args(
+        ["--ckpt", os.path.join(out, "last.pt"), "--epochs", "2", "--workers", "0", "--max-train-samples", "30"]))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert {"top1", "top5", "ckpt", "dataset"} <= set(result) and result["dataset"] == "cifar10"
+    assert result["train_samples"] == 30 and result["test_samples"] == 20 and 0 <= result["top1"] <= 100
+    with open(os.path.join(out, "linear_cifar10.json")) as f:
+        assert json.load(f) == result
+
+    # the same command with a larger budget continues from the stored step (automatic resume)
+    run_train(common + ["--max-steps", "4"])
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_random_init_baseline(tmp_path, no_md5, capsys):
+    write_cifar(tmp_path / "data", n_train=20, n_test=10)
+    eval_linear.main(eval_linear.get_args_parser().parse_args(
+        ["--random-init", "--arch", "resnet18", "--width", "0.125", "--dataset", "cifar10", "--data-dir",
+         str(tmp_path / "data"), "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "ev")]))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ckpt"] == "random-init" and os.path.exists(tmp_path / "ev" / "linear_cifar10_random-init.json")
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    lr = [train.lr_at(s, 1.0, 10, 100) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:])) and lr[-1] < 1e-3
+    assert train.lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
+
+
+def test_lars_excludes_biases_and_bn_and_scales_by_trust_ratio():
+    w = torch.nn.Parameter(torch.full((4, 4), 2.0))
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = train.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.0,
+                     weight_decay=0.0, eta=0.001)
+    w.grad, b.grad = torch.full((4, 4), 0.5), torch.full((4,), 0.5)
+    opt.step()
+    # trust ratio 0.001 * ||w|| / ||g|| = 0.001 * 8 / 2: the step is 0.004 * g
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), 2.0 - 0.004 * 0.5))
+    torch.testing.assert_close(b.detach(), torch.full((4,), 0.5))  # plain SGD for biases/BN

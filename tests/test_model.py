@@ -1,0 +1,67 @@
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from model import SimCLR, build_encoder
+
+
+@pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("cifar_stem,size", [(False, 64), (True, 32)])
+def test_shapes(arch, feat, cifar_stem, size):
+    m = SimCLR(arch, proj_dim=64, cifar_stem=cifar_stem)
+    h, z = m(torch.randn(3, 3, size, size))
+    assert h.shape == (3, feat) and z.shape == (3, 64)
+    assert isinstance(m.encoder.fc, nn.Identity)
+    if cifar_stem:
+        assert m.encoder.conv1.kernel_size == (3, 3) and m.encoder.conv1.stride == (1, 1)
+        assert isinstance(m.encoder.maxpool, nn.Identity)
+    else:
+        assert m.encoder.conv1.kernel_size == (7, 7) and isinstance(m.encoder.maxpool, nn.MaxPool2d)
+
+
+def test_encoder_loads_strictly_into_torchvision_resnet18():
+    m = SimCLR("resnet18")
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.load_state_dict(m.encoder.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    m.eval(), net.eval()
+    torch.testing.assert_close(net(x), m(x)[0])
+
+
+def test_cifar_stem_encoder_loads_after_the_same_stem_swap():
+    m = SimCLR("resnet18", cifar_stem=True)
+    net = torchvision.models.resnet18()
+    net.fc, net.maxpool = nn.Identity(), nn.Identity()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.load_state_dict(m.encoder.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("arch,width,feat", [("resnet18", 0.25, 128), ("resnet18", 2.0, 1024), ("resnet50", 0.5, 1024)])
+def test_width_multiplier(arch, width, feat):
+    enc, d = build_encoder(arch, cifar_stem=True, width=width)
+    assert d == feat
+    assert enc(torch.randn(2, 3, 16, 16)).shape == (2, feat)
+    full, _ = build_encoder(arch, cifar_stem=True)
+    assert set(enc.state_dict()) == set(full.state_dict())  # same module names as torchvision's
+    n, n_full = sum(p.numel() for p in enc.parameters()), sum(p.numel() for p in full.parameters())
+    assert n == pytest.approx(n_full * width ** 2, rel=0.05)
+
+
+def test_residual_branches_start_at_zero():
+    enc, _ = build_encoder("resnet18", width=0.5)
+    assert all(not b.bn2.weight.any() for layer in (enc.layer1, enc.layer4) for b in layer)
+    assert enc.bn1.weight.all()
+
+
+def test_projection_head_is_linear_bn_relu_linear():
+    m = SimCLR("resnet18", proj_dim=128)
+    kinds = [type(x) for x in m.projector.net]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert m.projector.net[0].in_features == m.projector.net[0].out_features == 512
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="unknown arch"):
+        SimCLR("vgg11")

@@ -1,0 +1,505 @@
+"""SimCLR pretraining (arXiv 2002.05709): two augmented views per image, a ResNet encoder with an MLP head,
+the NT-Xent loss, LARS with warmup and cosine decay, in one hand-written AMP loop. The same file runs as
+`python train.py` and as `torchrun --nproc_per_node K train.py` (DDP, negatives from every rank).
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from augment import SimCLRTransform, save_preview
+from data import DATASETS, DatasetError, get_dataset
+from loss import nt_xent
+from model import ARCHS, SimCLR
+
+BASE_LR = {"lars": 0.3, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}  # per 256 images
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SimCLR pretraining", add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="stl10", choices=list(DATASETS), help="(default: %(default)s)")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset root (default: ./data; fashion-mnist tries /usr/share/datasets/fashion-mnist "
+                        "first); for 'folder', the image folder")
+    g.add_argument("--split", default=None,
+                   help="pretraining split (default: stl10 train+unlabeled, its 105k images; folder: unlabeled, "
+                        "i.e. DIR/train or DIR; else train)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side of the views (default: the dataset's, 96 STL-10, 32 CIFAR, 28 Fashion-MNIST, 224 folder)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="let torchvision download a missing dataset (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes per rank (default: %(default)s)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="torchvision ResNet (default: %(default)s)")
+    g.add_argument("--width", type=float, default=1.0,
+                   help="width multiplier of every layer, the paper's 1x/2x/4x; below 1 for CPU runs (default: %(default)s)")
+    g.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3 stride-1 first conv and no max-pool (default: on for images of 64 px or less)")
+    g.add_argument("--proj-dim", type=int, default=128, help="output size of the projection head (default: %(default)s)")
+
+    g = p.add_argument_group("augmentation (paper, appendix A)")
+    g.add_argument("--jitter-strength", type=float, default=None,
+                   help="colour distortion strength s (default: 1.0; 0.5 on CIFAR as in the paper)")
+    g.add_argument("--jitter-p", type=float, default=0.8, help="probability of colour jitter (default: %(default)s)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0),
+                   help="area range of the random resized crop (default: %(default)s)")
+    g.add_argument("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3),
+                   help="aspect ratio range of the crop (default: %(default)s)")
+    g.add_argument("--flip-p", type=float, default=0.5, help="horizontal flip probability (default: %(default)s)")
+    g.add_argument("--gray-p", type=float, default=0.2, help="grayscale probability (default: %(default)s)")
+    g.add_argument("--blur-p", type=float, default=None,
+                   help="Gaussian blur probability (default: 0.5; 0 for images of 32 px or less, as on CIFAR)")
+    g.add_argument("--blur-sigma", type=float, nargs=2, default=(0.1, 2.0), help="blur sigma range (default: %(default)s)")
+    g.add_argument("--rotate-p", type=float, default=0.0,
+                   help="probability of a 90/180/270 degree rotation, the paper's ablation (default: %(default)s)")
+    g.add_argument("--solarize-p", type=float, default=0.0, help="solarization probability (default: %(default)s)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=512,
+                   help="global batch N over all ranks (default: %(default)s; the paper's best is 4096)")
+    g.add_argument("--epochs", type=int, default=100, help="(default: %(default)s, the paper's ablations)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimiser steps; the schedule is fitted to the shorter run")
+    g.add_argument("--temperature", type=float, default=0.5,
+                   help="tau of NT-Xent (default: %(default)s, the paper's choice for batches of a few hundred)")
+    g.add_argument("--optimizer", default="lars", choices=("lars", "sgd", "adam", "adamw"),
+                   help="(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="base learning rate per 256 images, scaled by batch/256 (default: lars 0.3 as in the paper, "
+                        "sgd 0.05, adam/adamw 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="(default: %(default)s; not on biases and BN)")
+    g.add_argument("--momentum", type=float, default=0.9, help="LARS/SGD momentum (default: %(default)s)")
+    g.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup, then cosine decay (default: %(default)s)")
+    g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
+                   help="autocast dtype (default: %(default)s; fp16 with a GradScaler where CUDA lacks bf16)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="(default: %(default)s; under torchrun each rank takes cuda:LOCAL_RANK)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format, faster convolutions with AMP (default: %(default)s)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--output-dir", default=None, help="(default: runs/DATASET)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from (default: OUTPUT_DIR/last.pt when it exists)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also write last.pt every this many steps (default: %(default)s, only at epoch ends)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: %(default)s)")
+    g.add_argument("--preview", action="store_true", help="write OUTPUT_DIR/augmentations.png and exit")
+    return p
+
+
+def die(msg):
+    """One actionable line on stderr and exit code 2, never a traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def resolve_args(args, world_size=1):
+    """Fill the dataset-dependent defaults in place and reject bad values with one line."""
+    info = DATASETS[args.dataset]
+    args.split = args.split or info["pretrain_split"]
+    args.image_size = args.image_size or info["size"]
+    if args.cifar_stem is None:
+        args.cifar_stem = args.image_size <= 64
+    if args.jitter_strength is None:
+        args.jitter_strength = 0.5 if args.dataset.startswith("cifar") else 1.0
+    if args.lr is None:
+        args.lr = BASE_LR[args.optimizer]
+    args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
+    for name in ("temperature", "lr", "epochs", "image_size", "width", "proj_dim"):
+        if not getattr(args, name) > 0:
+            die(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        die(f"--batch-size must be at least 2 (each image needs other images as negatives), got {args.batch_size}")
+    if args.batch_size % world_size:
+        die(f"--batch-size {args.batch_size} does not divide over {world_size} ranks: use a multiple of {world_size}")
+    if args.max_steps is not None and args.max_steps < 1:
+        die(f"--max-steps must be at least 1, got {args.max_steps}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+
+def lr_at(step, peak_lr, warmup_steps, total_steps):
+    """Learning rate of optimiser step `step` (0-based): linear warmup to peak_lr, then cosine decay to 0."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as SimCLR uses it: SGD with momentum where each layer's update is scaled by the
+    trust ratio eta * ||w|| / ||g + wd * w||. Param groups with lars=False (biases, BN) get neither weight
+    decay nor the trust ratio. The step uses foreach kernels: one launch per op for all the layers."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(params))  # (L,)
+                g_norm = torch.stack(torch._foreach_norm(grads))  # (L,)
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def build_optimizer(model, args, lr):
+    """Biases and BN parameters (ndim <= 1) are excluded from weight decay and from the LARS adaptation."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
+    if args.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    for g in groups:
+        g.pop("lars", None)
+    fast = dict(fused=True) if args.device.startswith("cuda") else dict(foreach=True)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, **fast)
+    cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=lr, weight_decay=args.weight_decay, **fast)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+class TwoViews(torch.utils.data.Dataset):
+    """(view1, view2), label for each image. The augmentation of sample i in epoch e draws from a torch RNG
+    seeded by (seed, e, i): the stream is the same whatever the workers, the ranks or where a run resumed."""
+
+    def __init__(self, dataset, transform, seed):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i)
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (shuffle, drop_last, set_epoch) that can start an epoch after `skip` samples."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file in the same folder, flush it to disk, then os.replace."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (a checkpoint cannot run code); any bad file is one line."""
+    if not os.path.isfile(path):
+        die(f"checkpoint {path} does not exist: check the path (train.py writes OUTPUT_DIR/last.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "use a last.pt written by train.py")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        die(f"{path} is not a SimCLR checkpoint of train.py (no 'model'/'args' entries)")
+    return ckpt
+
+
+def load_model_state(model, ckpt, path):
+    """Strict load; a checkpoint of another architecture is one line naming both."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        a = ckpt["args"]
+        die(f"{path} holds a {a.get('arch')} (width {a.get('width')}, cifar_stem {a.get('cifar_stem')}, proj_dim "
+            f"{a.get('proj_dim')}) that does not fit the model asked for: pass the same --arch/--width/"
+            "--cifar-stem/--proj-dim, or another --output-dir")
+
+
+def rng_states():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_states(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, state, gauss = s["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+# ------------------------------------------------------------------------------------------------- logging
+
+def plot_curves(metrics_path, out_path):
+    """curves.png: loss and learning rate against the step, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)]
+    logs = [r for r in rows if "loss" in r]
+    if not logs:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot([r["step"] for r in logs], [r["loss"] for r in logs])
+    a.set(xlabel="step", ylabel="NT-Xent loss", title="loss")
+    b.plot([r["step"] for r in logs], [r["lr"] for r in logs])
+    b.set(xlabel="step", ylabel="learning rate", title="lr")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. -> (rank, world, device)"""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, torch.device(args.device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device(f"cuda:{local}") if args.device.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def amp_dtype(name, device):
+    if name == "off":
+        return None
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("bf16 is not supported on this GPU: using fp16 with a GradScaler")
+        return torch.float16
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def main(args):
+    rank, world, device = setup_distributed(args)
+    try:
+        train(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
+    resolve_args(args, world)
+    main_rank = rank == 0
+    out = args.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        die(f"--output-dir {out} is not writable ({e.strerror}): pass a folder you can write to")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    info = DATASETS[args.dataset]
+    transform = SimCLRTransform(args.image_size, s=args.jitter_strength, crop_scale=args.crop_scale,
+                                crop_ratio=args.crop_ratio, flip_p=args.flip_p, jitter_p=args.jitter_p,
+                                gray_p=args.gray_p, blur_p=args.blur_p, blur_sigma=args.blur_sigma,
+                                rotate_p=args.rotate_p, solarize_p=args.solarize_p, mean=info["mean"], std=info["std"])
+    try:
+        base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and main_rank)
+    except DatasetError as e:
+        die(str(e))
+    if args.preview:
+        if main_rank:
+            path = save_preview([base[i][0] for i in range(min(8, len(base)))], transform,
+                                os.path.join(out, "augmentations.png"), seed=args.seed)
+            print(f"wrote {path}")
+        return
+    if args.batch_size > len(base):
+        die(f"--batch-size {args.batch_size} is larger than the {len(base)} images of {args.dataset} "
+            f"{args.split}: with drop_last nothing would train; use at most {len(base)}")
+
+    per_rank = args.batch_size // world
+    dataset = TwoViews(base, transform, args.seed)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(sampler) // per_rank
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    # the schedule spans the run that happens: a run cut by --max-steps gets a proportionally shorter warmup
+    warmup_steps = min(total_steps, round(args.warmup_epochs * total_steps / args.epochs))
+    peak_lr = args.lr * args.batch_size / 256  # linear scaling rule, on the global batch
+    schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+
+    model = SimCLR(args.arch, args.proj_dim, args.cifar_stem, args.width)
+    if world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(model, args, peak_lr)
+    dtype = amp_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    step, train_seconds = 0, 0.0
+    ckpt_path = os.path.join(out, "last.pt")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        load_model_state(model, ckpt, resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"])
+        step, train_seconds = ckpt["step"], ckpt.get("train_seconds", 0.0)
+        if main_rank:
+            print(f"resumed from {resume} at step {step} (epoch {step // steps_per_epoch})")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if main_rank:
+        print(json.dumps({"args": vars(args), "git": git_sha(), "world_size": world}))
+        if os.path.exists(metrics_path):  # drop lines logged after the checkpoint we resume from
+            keep = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(keep)
+        if not resume:
+            save_preview([base[i][0] for i in range(min(8, len(base)))], transform,
+                         os.path.join(out, "augmentations.png"), seed=args.seed)
+    if step >= total_steps:
+        if main_rank:
+            print(f"{resume} has already run {step} of {total_steps} steps: nothing to do")
+        return
+
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+    def checkpoint():
+        if main_rank:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch,
+                                        "step": step, "args": vars(args), "rng": rng_states(),
+                                        "train_seconds": train_seconds + time.time() - t_start})
+
+    def check_finite(window):
+        bad = [i for i, x in enumerate(torch.stack(window).tolist()) if not math.isfinite(x)]
+        if bad:
+            where = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+            die(f"loss is not finite at step {step - len(window) + bad[0]}; {where}: lower --lr, raise "
+                f"--temperature or use --amp bf16/off")
+
+    t_start = time.time()
+    net.train()
+    while step < total_steps:
+        epoch, start = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        sampler.skip = start * per_rank  # mid-epoch resume continues at the next batch
+        n_steps = min(steps_per_epoch, start + total_steps - step) - start
+        bar = tqdm(itertools.islice(loader, n_steps), total=n_steps, desc=f"epoch {epoch}",
+                   disable=not main_rank, dynamic_ncols=True, leave=True)
+        window, epoch_losses, t_log, n_log = [], [], time.time(), 0
+        for (v1, v2), _ in bar:
+            lr = schedule(step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x = torch.cat([v1, v2]).to(device, non_blocking=True)  # (2n, 3, H, W), the views of image i at i, i+n
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                _, z = net(x)  # (2n, proj_dim)
+            loss = nt_xent(z[:per_rank], z[per_rank:], args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            window.append(loss.detach())
+            n_log += args.batch_size
+            if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+                check_finite(window)
+                losses = torch.stack(window).float().mean().item()
+                epoch_losses.append((losses, len(window)))
+                img_s = n_log / (time.time() - t_log)
+                if main_rank:
+                    bar.set_postfix(loss=f"{losses:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": losses, "lr": lr,
+                                            "img_s": img_s, "time": train_seconds + time.time() - t_start}) + "\n")
+                window, t_log, n_log = [], time.time(), 0
+            if args.save_every and step % args.save_every == 0:
+                if window:
+                    check_finite(window)
+                checkpoint()
+        bar.close()
+        if window:
+            check_finite(window)
+        checkpoint()
+        if main_rank:
+            plot_curves(metrics_path, os.path.join(out, "curves.png"))
+            mean = sum(l * k for l, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))
+            print(f"epoch {epoch} done: step {step}/{total_steps}, mean loss {mean:.4f}, saved {ckpt_path}")
+    if main_rank:
+        print(f"finished {total_steps} steps in {train_seconds + time.time() - t_start:.0f} s; "
+              f"evaluate with: python eval_linear.py --ckpt {ckpt_path}")
+
+
+if __name__ == "__main__":
+    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
