@@ -95,7 +95,7 @@ def build_encoder(args):
     if not args.ckpt:
         die("pass --ckpt PATH (a last.pt of train.py) or --random-init --arch NAME")
     ckpt = load_checkpoint(args.ckpt)
-    a = ckpt["args"]
+    a = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
     model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"])
     load_model_state(model, ckpt, args.ckpt)
     return model, a, args.ckpt
@@ -143,15 +143,15 @@ def main(args):
     result = {"top1": round(topk(logits, yte, 1), 2), "top5": round(topk(logits, yte, 5), 2), "ckpt": name,
               "dataset": dataset, "protocol": "linear", "arch": train_args["arch"], "width": train_args["width"],
               "image_size": size, "train_samples": len(xtr), "test_samples": len(xte), "epochs": args.epochs,
-              "seconds": round(time.time() - t0, 1)}
+              "seconds": round(time.time() - t0, 1), "pretrain_seconds": round(train_args.get("train_seconds", 0.0), 1)}
     out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt and not args.random_init
                               else os.path.join("runs", "eval"))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"linear_{dataset}{'_random-init' if args.random_init else ''}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"linear probe on {dataset}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% "
-          f"({result['seconds']:.0f} s); saved {path}")
+    print(f"linear probe on {dataset}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% (pretraining "
+          f"{result['pretrain_seconds']:.0f} s + evaluation {result['seconds']:.0f} s); saved {path}")
     print(json.dumps(result))
     return result
 
