@@ -1,7 +1,12 @@
 """SimCLR's data augmentation (arXiv 2002.05709, appendix A): two random views of each image from
-crop + flip, colour distortion, grayscale, Gaussian blur and optional rotation and solarization.
+crop + flip, colour distortion, grayscale, Gaussian blur and optional rotation and solarization, per image
+(SimCLRTransform, torchvision.transforms.v2) or for a whole batch on the device (BatchAugment).
 """
+import math
+import warnings
+
 import torch
+import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
@@ -75,3 +80,244 @@ def save_preview(images, transform, path, seed=0):
     grid = torchvision.utils.make_grid(torch.stack(rows[0] + rows[1] + rows[2]), nrow=len(images), padding=2)
     torchvision.utils.save_image(grid, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batched augmentation: every op takes a float batch (B, C, H, W) in [0, 1] and per-sample parameters (B,).
+
+def crop_coords(boxes, size, height, width, flip=None):
+    """grid_sample coordinates in [-1, 1] (align_corners=False) of crop boxes (B, 4) = (top, left, height,
+    width) resized to size x size: (gx (B, S), gy (B, S)). Bilinear like torchvision's resize of the cropped
+    pixels, whose edge pixels are clamped to the box; flip (B,) bool mirrors the columns."""
+    top, left, h, w = boxes.float().unbind(1)  # (B,) each
+    t = torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5  # output pixel centres
+    gx = left[:, None] + (t * w[:, None] / size - 0.5).clamp(min=0).minimum(w[:, None] - 1)  # (B, S) pixels
+    gy = top[:, None] + (t * h[:, None] / size - 0.5).clamp(min=0).minimum(h[:, None] - 1)
+    if flip is not None:
+        gx = torch.where(flip[:, None], gx.flip(1), gx)
+    return (2 * gx + 1) / width - 1, (2 * gy + 1) / height - 1
+
+
+def sample_grid(gx, gy, rot=None):
+    """(B, S, S, 2) grid from the separable coordinates; rot (B,) turns the output by rot x 90 degrees
+    counter-clockwise (torch.rot90), by reading the coordinates along the other axis, reversed as needed."""
+    b, size = gx.shape
+    along_c = lambda v: v[:, None, :].expand(b, size, size)  # noqa: E731 (B, S, S), varies along columns
+    along_r = lambda v: v[:, :, None].expand(b, size, size)  # noqa: E731 varies along rows
+    x, y = along_c(gx), along_r(gy)
+    if rot is not None:
+        k = rot.view(b, 1, 1) % 4
+        x = torch.where(k == 0, x, torch.where(k == 1, along_r(gx.flip(1)), torch.where(k == 2, along_c(gx.flip(1)),
+                                                                                          along_r(gx))))
+        y = torch.where(k == 0, y, torch.where(k == 1, along_c(gy), torch.where(k == 2, along_r(gy.flip(1)),
+                                                                                  along_c(gy.flip(1)))))
+    return torch.stack([x, y], dim=-1)
+
+
+def resized_crop(x, boxes, size, flip=None, rot=None):
+    """Crop, resize (no antialiasing: a box larger than `size` is sampled bilinearly, where torchvision's
+    antialiased resize would average more pixels), flip and rotate, in one grid_sample."""
+    gx, gy = crop_coords(boxes, size, x.shape[2], x.shape[3], flip)
+    return F.grid_sample(x, sample_grid(gx, gy, rot), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def luma_weights(channels, device=None):
+    """ITU-R 601-2 luma weights (torchvision's grayscale) for RGB; a single channel is its own luma."""
+    return torch.tensor([0.2989, 0.587, 0.114] if channels == 3 else [1.0], device=device)
+
+
+def grayscale(x):
+    """(B, C, H, W) -> (B, 1, H, W) luma."""
+    if x.shape[1] == 1:
+        return x
+    return x[:, 0:1] * 0.2989 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114
+
+
+def color_maps(kind, f, w):
+    """torchvision's brightness (kind 0: f x), contrast (1: f x + (1-f) mean luma) and saturation (2: f x +
+    (1-f) luma(x)) with factors f (B,), any other kind the identity, as affine maps of the pixel:
+    (mat (B, C, C), coef (B,)) for color_affine. w: luma weights (C,)."""
+    f = torch.where(kind < 3, f, torch.ones_like(f))
+    eye = torch.eye(len(w), device=f.device)
+    sat = torch.where(kind == 2, 1 - f, torch.zeros_like(f))
+    mat = f[:, None, None] * eye + sat[:, None, None] * w  # (B, C, C): each row also gets (1-f) w
+    return mat, torch.where(kind == 1, 1 - f, torch.zeros_like(f))
+
+
+def color_affine(x, mat, coef, w):
+    """clamp(mat @ pixel + coef * mean luma, 0, 1) for every pixel: a different colour map per sample in one
+    batched matmul. x (B, C, H, W), mat (B, C, C), coef (B,), w luma weights (C,)."""
+    b, c, h, wd = x.shape
+    offset = (coef * (x.mean(dim=(2, 3)) @ w)).view(b, 1, 1).expand(b, c, 1)  # (B, C, 1)
+    return torch.baddbmm(offset, mat, x.reshape(b, c, h * wd)).view(b, c, h, wd).clamp_(0, 1)  # (B, C, H*W)
+
+
+def _adjust(kind):
+    def adjust(x, f):
+        w = luma_weights(x.shape[1], x.device)
+        return color_affine(x, *color_maps(torch.full_like(f, kind, dtype=torch.long), f, w), w)
+    return adjust
+
+
+adjust_brightness, adjust_contrast, adjust_saturation = _adjust(0), _adjust(1), _adjust(2)
+
+
+def adjust_hue(x, f):
+    """Shift the hue by f (B,) turns, f in [-0.5, 0.5], keeping HSV saturation and value, as torchvision's
+    RGB -> HSV -> RGB round trip but without forming S: each channel is v - chroma * ramp(hue position).
+    Arithmetic masks instead of torch.where, which is slow on the CPU."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)  # (B, H, W) each
+    v, lo = x.amax(1), x.amin(1)
+    chroma = v - lo
+    is_r = (v == r).to(x.dtype)
+    is_g = (v == g).to(x.dtype) * (1 - is_r)
+    num = is_r * (g - b) + is_g * (b - r + 2 * chroma) + (1 - is_r - is_g) * (r - g + 4 * chroma)
+    h6 = num / chroma.clamp(min=1e-12) + 6 * f.view(-1, 1, 1)  # hue in sixths of a turn, shifted
+    k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6[:, None]  # (B, 3, H, W)
+    k = k - 6 * torch.floor(k / 6)  # mod 6
+    return v[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur with a per-sample sigma (B,), reflect padding, as torchvision's."""
+    b, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device)
+    kern = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6)[:, None]) ** 2)
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, k)
+    p = kernel_size // 2
+    y = F.pad(x.reshape(1, b * c, h, w), (p, p, p, p), mode="reflect")  # (1, B*C, H+2p, W+2p)
+    y = F.conv2d(y, kern.view(b * c, 1, 1, kernel_size), groups=b * c)  # (1, B*C, H+2p, W)
+    y = F.conv2d(y, kern.view(b * c, 1, kernel_size, 1), groups=b * c)  # (1, B*C, H, W)
+    return y.view(b, c, h, w)
+
+
+def finish(x, gray, solarize, mean, std):
+    """Grayscale (gray (B,) 0/1, as a lerp that is exactly x or its luma), solarize (B,) bool, then normalise
+    to (B, 3, H, W)."""
+    if x.shape[1] == 3:
+        x = torch.lerp(x, grayscale(x).expand_as(x), gray.view(-1, 1, 1, 1))
+    x = torch.where(solarize.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+class Compiled:
+    """fn through torch.compile (dynamic shapes): the elementwise chains of hue and finish become one fused
+    loop, 10x faster on the CPU. Where compiling fails (no C++ compiler, ...), fn itself, after one warning."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # any compiler failure: run eagerly from now on
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}); running it eagerly")
+                self.compiled = None
+        return self.fn(*args)
+
+
+class BatchAugment(torch.nn.Module):
+    """SimCLRTransform for a whole batch on any device: uint8 or float (B, C, H, W), C 1 or 3 -> one normalised
+    view (B, 3, size, size), each sample with its own parameters drawn from SimCLRTransform's distributions,
+    in vectorised ops (no Python loop over samples). Call twice, or on the batch twice, for two views.
+    Colour jitter keeps torchvision's random order of brightness, contrast, saturation and hue, per sample."""
+
+    def __init__(self, size, s=1.0, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                 jitter_p=0.8, gray_p=0.2, blur_p=None, blur_sigma=(0.1, 2.0), rotate_p=0.0, solarize_p=0.0,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, compile=False):
+        super().__init__()
+        if 0.2 * s > 0.5:
+            raise ValueError(f"colour strength s={s} gives a hue range above 0.5: use s <= 2.5")
+        self.size, self.s, self.crop_scale, self.crop_ratio = size, s, tuple(crop_scale), tuple(crop_ratio)
+        self.flip_p, self.jitter_p, self.gray_p = flip_p, jitter_p, gray_p
+        self.rotate_p, self.solarize_p = rotate_p, solarize_p
+        self.blur_p = (0.5 if size > 32 else 0.0) if blur_p is None else blur_p
+        self.blur_sigma, self.kernel_size = tuple(blur_sigma), blur_kernel_size(size)
+        self.cpu_chunk_bytes = 4 << 20  # CPU: pixels per chunk, so that its passes stay in the cache
+        self.hue, self.finish = (Compiled(adjust_hue), Compiled(finish)) if compile else (adjust_hue, finish)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def sample_params(self, b, height, width, generator=None, device=None):
+        """Per-sample parameters (dict of (B, ...) tensors), drawn as torchvision's transforms draw them."""
+        def rand(*shape):
+            return torch.rand(*shape, generator=generator, device=device)
+
+        # RandomResizedCrop: 10 tries of (area scale, log aspect ratio); the first that fits, else the centre
+        area = height * width
+        scale = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * rand(b, 10)
+        lo, hi = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
+        ratio = torch.exp(lo + (hi - lo) * rand(b, 10))
+        w = torch.sqrt(area * scale * ratio).round()  # (B, 10)
+        h = torch.sqrt(area * scale / ratio).round()
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+        w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
+        in_ratio = width / height
+        fw, fh = ((width, round(width / self.crop_ratio[0])) if in_ratio < self.crop_ratio[0] else
+                  (round(height * self.crop_ratio[1]), height) if in_ratio > self.crop_ratio[1] else (width, height))
+        w, h = torch.where(found, w, torch.full_like(w, fw)), torch.where(found, h, torch.full_like(h, fh))
+        top = torch.where(found, (rand(b) * (height - h + 1)).floor(), (height - h) // 2)
+        left = torch.where(found, (rand(b) * (width - w + 1)).floor(), (width - w) // 2)
+        lo_f = max(0.0, 1 - 0.8 * self.s)
+        return dict(
+            boxes=torch.stack([top, left, h, w], dim=1),  # (B, 4)
+            flip=rand(b) < self.flip_p,
+            rot=torch.where(rand(b) < self.rotate_p, 1 + (rand(b) * 3).floor().long(),
+                            torch.zeros(b, dtype=torch.long, device=device)),  # x 90 degrees
+            jitter=(rand(b) < self.jitter_p) & (self.s > 0),
+            factors=torch.cat([lo_f + (1 + 0.8 * self.s - lo_f) * rand(b, 3),  # brightness, contrast, saturation
+                               0.2 * self.s * (2 * rand(b, 1) - 1)], dim=1),  # hue; (B, 4)
+            order=rand(b, 4).argsort(1),  # (B, 4): each sample's order of the four colour ops
+            gray=rand(b) < self.gray_p,
+            sigma=torch.where(rand(b) < self.blur_p, self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0])
+                              * rand(b), torch.zeros(b, device=device)),  # 0: no blur
+            solarize=rand(b) < self.solarize_p,
+        )
+
+    def forward(self, images, generator=None):
+        b, _, height, width = images.shape
+        return self.apply(images, self.sample_params(b, height, width, generator, images.device))
+
+    def apply(self, images, p):
+        """The view of `images` under the parameters p. Per-sample constants are built once for the batch; on
+        the CPU the pixels then go through in chunks of about cpu_chunk_bytes, so that the passes over a chunk
+        stay in the cache."""
+        b, c, height, width = images.shape
+        gx, gy = crop_coords(p["boxes"], self.size, height, width, p["flip"])
+        rot = p["rot"] if self.rotate_p > 0 else None
+        w = luma_weights(c, images.device)
+        op = torch.where(p["jitter"][:, None], p["order"], torch.full_like(p["order"], 4))  # (B, 4); 4: skip
+        rounds = []
+        for t in range(4 if self.jitter_p > 0 and self.s > 0 else 0):
+            f = p["factors"].gather(1, op[:, t].clamp(max=3)[:, None])[:, 0]  # (B,) this round's factor
+            rounds.append((*color_maps(op[:, t], f, w), torch.where(op[:, t] == 3, f, torch.zeros_like(f))))
+        # the samples that need hue in each round, and blur: index tensors read with a single host sync
+        masks = [op[:, t] == 3 for t in range(len(rounds))] if c == 3 else []
+        masks.append(p["sigma"] > 0 if self.blur_p > 0 else torch.zeros_like(p["flip"]))
+        counts = torch.stack([m.sum() for m in masks]).tolist()
+        subsets = [(~m).to(torch.uint8).argsort(stable=True)[:n] for m, n in zip(masks, counts)]  # True first
+        gray = p["gray"].float() if self.gray_p > 0 else torch.zeros_like(p["sigma"])
+        solarize = p["solarize"] if self.solarize_p > 0 else torch.zeros_like(p["flip"])
+
+        out = torch.empty(b, 3, self.size, self.size, device=images.device)
+        chunk = b if images.is_cuda else max(1, self.cpu_chunk_bytes // (4 * c * self.size ** 2))
+        for i in range(0, b, chunk):
+            j = min(b, i + chunk)
+            local = [idx if chunk >= b else idx[(idx >= i) & (idx < j)] - i for idx in subsets]
+            x = F.grid_sample(images[i:j].float(), sample_grid(gx[i:j], gy[i:j], None if rot is None else rot[i:j]), mode="bilinear",
+                              padding_mode="border", align_corners=False)  # (n, C, S, S)
+            if images.dtype == torch.uint8:
+                x = x.mul_(1 / 255)  # after the crop: fewer pixels
+            for t, (mat, coef, hue) in enumerate(rounds):
+                x = color_affine(x, mat[i:j], coef[i:j], w)
+                if c == 3 and len(local[t]):
+                    x.index_copy_(0, local[t], self.hue(x[local[t]], hue[i:j][local[t]]))
+            if len(local[-1]):  # blur before grayscale: both are linear and act alike on every channel, so they commute
+                x.index_copy_(0, local[-1], gaussian_blur(x[local[-1]], p["sigma"][i:j][local[-1]], self.kernel_size))
+            out[i:j] = self.finish(x, gray[i:j], solarize[i:j], self.mean, self.std)  # (n, 3, S, S)
+        return out

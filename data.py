@@ -1,5 +1,6 @@
 """Datasets for SimCLR (arXiv 2002.05709): STL-10, CIFAR-10/100 and Fashion-MNIST through torchvision's own
 loaders, and a folder of images. Every sample is (RGB PIL image or transformed image, label; -1 when unlabeled).
+A dataset that fits in memory can also be held whole as one uint8 tensor (ResidentImages) and batched by index.
 """
 import gzip
 import hashlib
@@ -211,7 +212,7 @@ def get_dataset(name, root=None, split="train", transform=None, download=True):
         ds, _ = _fashion_mnist(root, split, transform, download)
         return ds
     except (RuntimeError, OSError, ValueError) as e:
-        looked = where if root or name != "fashion-mnist" else f"{DEBIAN_FASHION_MNIST} and ./data"
+        looked = os.path.abspath(where) if root or name != "fashion-mnist" else f"{DEBIAN_FASHION_MNIST} and ./data"
         reason = "download failed" if download else "download disabled"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError(f"{name}: not found in {looked} ({reason}: {first}); to get it, "
@@ -233,3 +234,79 @@ def labels(dataset):
     if hasattr(dataset, "samples"):
         return torch.tensor([t for _, t in dataset.samples])
     return torch.full((len(dataset),), -1, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Resident data: the whole dataset as one uint8 tensor, batched by index without per-sample Python.
+
+def _base(dataset):
+    """(the underlying dataset, the indices of a Subset chain or None)"""
+    idx = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        sub = torch.as_tensor(list(dataset.indices))
+        idx = sub if idx is None else sub[idx]
+        dataset = dataset.dataset
+    return dataset, idx
+
+
+def uint8_images(dataset, size=None):
+    """(images uint8 (N, C, H, W), labels (N,)) of a dataset from get_dataset. STL-10, CIFAR and Fashion-MNIST
+    already hold their pixels in one array (C is 1 for Fashion-MNIST); a folder is decoded once, its short side
+    resized to `size` and centre-cropped, and cached in cache_dir() for the next run."""
+    base, idx = _base(dataset)
+    data = getattr(base, "data", None)
+    if isinstance(base, torchvision.datasets.MNIST):
+        images = base.data.unsqueeze(1)  # (N, 1, 28, 28)
+    elif isinstance(base, torchvision.datasets.STL10):
+        images = torch.from_numpy(data).contiguous()  # (N, 3, 96, 96) after torchvision's transpose
+    elif isinstance(base, torchvision.datasets.CIFAR10):
+        images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    elif isinstance(base, (ImageFiles, SafeImageFolder)):
+        images = _decoded_folder(base, size or DATASETS["folder"]["size"])
+    else:
+        raise TypeError(f"cannot hold {type(base).__name__} as one tensor")
+    ys = labels(base)
+    return (images, ys) if idx is None else (images[idx], ys[idx])
+
+
+def _decoded_folder(ds, size):
+    paths = ds.files if isinstance(ds, ImageFiles) else ds.paths
+    key = hashlib.sha1(repr([size] + [(p, os.path.getmtime(p)) for p in paths]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"folder-{key}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    tf = torchvision.transforms.v2.Compose([torchvision.transforms.v2.PILToTensor(),
+                                            torchvision.transforms.v2.Resize(size, antialias=True),
+                                            torchvision.transforms.v2.CenterCrop(size)])
+    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i in range(len(paths)):
+        images[i] = tf(_load_or_neighbour(paths, i)[0])  # (3, size, size)
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(images, tmp)
+    os.replace(tmp, path)
+    return images
+
+
+class ResidentImages:
+    """A dataset held as one uint8 tensor (N, C, H, W): on `device` when it fits in a third of the free device
+    memory, else in pinned host memory (CUDA) or plain host memory (CPU). batch(idx) gathers by index."""
+
+    def __init__(self, images, labels, device):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            images = images.to(self.device) if images.nbytes < free / 3 else images.pin_memory()
+        self.images, self.labels = images, labels.to(images.device)
+
+    def __len__(self):
+        return len(self.images)
+
+    def batch(self, idx):
+        """(uint8 images (B, C, H, W) on the device, labels (B,)) for the LongTensor idx."""
+        idx = idx.to(self.images.device)
+        x, y = self.images[idx], self.labels[idx]
+        if x.device != self.device:
+            x = x.pin_memory() if self.device.type == "cuda" else x
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x, y

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from augment import SimCLRTransform, save_preview
-from data import DATASETS, DatasetError, get_dataset
+from augment import BatchAugment, SimCLRTransform, save_preview
+from data import DATASETS, DatasetError, ResidentImages, get_dataset, uint8_images
 from loss import nt_xent
 from model import ARCHS, SimCLR
 
@@ -41,8 +41,16 @@ def get_args_parser():
                    help="side of the views (default: the dataset's, 96 STL-10, 32 CIFAR, 28 Fashion-MNIST, 224 folder)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="let torchvision download a missing dataset (default: %(default)s)")
+    g.add_argument("--pipeline", default="batched", choices=("batched", "per-image"),
+                   help="batched: the dataset held as one uint8 tensor on the device, both views augmented as whole "
+                        "batches there (BatchAugment); the default on CUDA and on CPU, where bench.py measures it "
+                        "faster. per-image: SimCLRTransform in DataLoader workers, for data too large for memory "
+                        "(default: %(default)s)")
+    g.add_argument("--aug-compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile BatchAugment's elementwise kernels (default: on for the CPU, where bench.py "
+                        "measures it several times faster; with --compile on CUDA)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data loader processes per rank (default: %(default)s)")
+                   help="data loader processes per rank for --pipeline per-image (default: %(default)s)")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="torchvision ResNet (default: %(default)s)")
@@ -212,8 +220,63 @@ class TwoViews(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, label = self.dataset[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i)
+            torch.manual_seed(mix_seed(self.seed, self.epoch, i))
             return self.transform(img), label
+
+
+def augment_kwargs(args):
+    info = DATASETS[args.dataset]
+    return dict(s=args.jitter_strength, crop_scale=args.crop_scale, crop_ratio=args.crop_ratio, flip_p=args.flip_p,
+                jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p, blur_sigma=args.blur_sigma,
+                rotate_p=args.rotate_p, solarize_p=args.solarize_p, mean=info["mean"], std=info["std"])
+
+
+def mix_seed(*parts):
+    """One 63-bit seed from several integers (seed, rank, epoch, step, ...)."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2 ** 63 - 1)
+    return h
+
+
+class Views:
+    """The two-view batches of one rank: (2n, 3, S, S) on the device, view 1 of image i at row i and view 2 at
+    row n + i. Both pipelines walk the same ResumableSampler order and seed their augmentation from the run's
+    seed and position, so a resumed run sees the views an uninterrupted one would have seen."""
+
+    def __init__(self, base, args, rank, world, device):
+        self.per_rank, self.device, self.seed, self.rank = args.batch_size // world, device, args.seed, rank
+        self.sampler = ResumableSampler(base, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                        drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.per_rank
+        self.batched = args.pipeline == "batched"
+        if self.batched:
+            images, labels = uint8_images(base, args.image_size)
+            self.resident = ResidentImages(images, labels, device)
+            compile_aug = args.aug_compile if args.aug_compile is not None else device.type == "cpu" or args.compile
+            self.aug = BatchAugment(args.image_size, **augment_kwargs(args), compile=compile_aug).to(device)
+            self.gen = torch.Generator(device)
+        else:
+            self.dataset = TwoViews(base, SimCLRTransform(args.image_size, **augment_kwargs(args)), args.seed)
+            self.loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
+                num_workers=args.workers, pin_memory=device.type == "cuda")
+
+    def epoch(self, epoch, start=0):
+        """Yield (views, labels) for the steps start, start + 1, ... of `epoch`."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = start * self.per_rank
+        if not self.batched:
+            self.dataset.set_epoch(epoch)
+            for (v1, v2), y in self.loader:
+                yield torch.cat([v1, v2]).to(self.device, non_blocking=True), y
+            return
+        order = torch.tensor(list(self.sampler))
+        order = order[:len(order) // self.per_rank * self.per_rank].view(-1, self.per_rank)  # (steps, n)
+        for k, idx in enumerate(order, start):
+            x, y = self.resident.batch(idx)  # uint8 (n, C, H, W)
+            self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))
+            yield self.aug(torch.cat([x, x]), self.gen), y  # two independent draws per image
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -342,10 +405,41 @@ def main(args):
             dist.destroy_process_group()
 
 
+def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True):
+    """One optimiser step on (2n, 3, S, S) views; returns the detached loss (no host sync)."""
+    n = views.shape[0] // 2
+    if channels_last:
+        views = views.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(views.device.type, dtype=dtype, enabled=dtype is not None):
+        _, z = net(views)  # (2n, proj_dim)
+    loss = nt_xent(z[:n], z[n:], temperature)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # unscales first: LARS sees the true gradients
+    scaler.update()
+    return loss.detach()
+
+
+def build_model(args, world, device):
+    model = SimCLR(args.arch, args.proj_dim, args.cifar_stem, args.width)
+    if world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # global BN: statistics of the whole batch
+    return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+
+
 def train(args, rank, world, device):
     resolve_args(args, world)
     main_rank = rank == 0
     out = args.output_dir
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and main_rank)
+    except DatasetError as e:
+        die(str(e))
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test{os.getpid()}")
@@ -353,21 +447,7 @@ def train(args, rank, world, device):
         os.remove(probe)
     except OSError as e:
         die(f"--output-dir {out} is not writable ({e.strerror}): pass a folder you can write to")
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    info = DATASETS[args.dataset]
-    transform = SimCLRTransform(args.image_size, s=args.jitter_strength, crop_scale=args.crop_scale,
-                                crop_ratio=args.crop_ratio, flip_p=args.flip_p, jitter_p=args.jitter_p,
-                                gray_p=args.gray_p, blur_p=args.blur_p, blur_sigma=args.blur_sigma,
-                                rotate_p=args.rotate_p, solarize_p=args.solarize_p, mean=info["mean"], std=info["std"])
-    try:
-        base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and main_rank)
-    except DatasetError as e:
-        die(str(e))
+    transform = SimCLRTransform(args.image_size, **augment_kwargs(args))
     if args.preview:
         if main_rank:
             path = save_preview([base[i][0] for i in range(min(8, len(base)))], transform,
@@ -378,12 +458,8 @@ def train(args, rank, world, device):
         die(f"--batch-size {args.batch_size} is larger than the {len(base)} images of {args.dataset} "
             f"{args.split}: with drop_last nothing would train; use at most {len(base)}")
 
-    per_rank = args.batch_size // world
-    dataset = TwoViews(base, transform, args.seed)
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(sampler) // per_rank
+    views = Views(base, args, rank, world, device)
+    steps_per_epoch = views.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -392,10 +468,7 @@ def train(args, rank, world, device):
     peak_lr = args.lr * args.batch_size / 256  # linear scaling rule, on the global batch
     schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps)
 
-    model = SimCLR(args.arch, args.proj_dim, args.cifar_stem, args.width)
-    if world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    model = build_model(args, world, device)
     optimizer = build_optimizer(model, args, peak_lr)
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -442,36 +515,23 @@ def train(args, rank, world, device):
         bad = [i for i, x in enumerate(torch.stack(window).tolist()) if not math.isfinite(x)]
         if bad:
             where = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
-            die(f"loss is not finite at step {step - len(window) + bad[0]}; {where}: lower --lr, raise "
+            die(f"loss is not finite at step {step - len(window) + bad[0] + 1}; {where}: lower --lr, raise "
                 f"--temperature or use --amp bf16/off")
 
     t_start = time.time()
     net.train()
     while step < total_steps:
         epoch, start = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        sampler.skip = start * per_rank  # mid-epoch resume continues at the next batch
         n_steps = min(steps_per_epoch, start + total_steps - step) - start
-        bar = tqdm(itertools.islice(loader, n_steps), total=n_steps, desc=f"epoch {epoch}",
-                   disable=not main_rank, dynamic_ncols=True, leave=True)
+        bar = tqdm(itertools.islice(views.epoch(epoch, start), n_steps), total=n_steps, desc=f"epoch {epoch}",
+                   disable=not main_rank, dynamic_ncols=True)
         window, epoch_losses, t_log, n_log = [], [], time.time(), 0
-        for (v1, v2), _ in bar:
+        for x, _ in bar:
             lr = schedule(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x = torch.cat([v1, v2]).to(device, non_blocking=True)  # (2n, 3, H, W), the views of image i at i, i+n
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                _, z = net(x)  # (2n, proj_dim)
-            loss = nt_xent(z[:per_rank], z[per_rank:], args.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            window.append(train_step(net, x, optimizer, scaler, dtype, args.temperature, args.channels_last))
             step += 1
-            window.append(loss.detach())
             n_log += args.batch_size
             if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
                 check_finite(window)
@@ -494,7 +554,7 @@ def train(args, rank, world, device):
         checkpoint()
         if main_rank:
             plot_curves(metrics_path, os.path.join(out, "curves.png"))
-            mean = sum(l * k for l, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))
+            mean = sum(loss * k for loss, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))
             print(f"epoch {epoch} done: step {step}/{total_steps}, mean loss {mean:.4f}, saved {ckpt_path}")
     if main_rank:
         print(f"finished {total_steps} steps in {train_seconds + time.time() - t_start:.0f} s; "

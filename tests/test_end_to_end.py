@@ -9,7 +9,7 @@ import train
 from conftest import write_cifar
 
 TINY = ["--dataset", "cifar10", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16", "--workers", "0",
-        "--log-every", "1", "--amp", "off", "--no-download"]
+        "--log-every", "1", "--amp", "off", "--no-download", "--no-aug-compile"]
 
 
 def run_train(argv):
