@@ -3,7 +3,7 @@ PYTHON ?= python3
 DEMO_DIR ?= runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench
+.PHONY: setup data demo test bench bench-gpu
 
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -23,3 +23,18 @@ demo: setup data
 test: setup
 	$(PYTHON) -m pip install -q pytest
 	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) bench.py
+
+# the GPU check in one command: bench.py on CUDA, then 300 steps of train.py on 96 px images (synthetic, so that
+# it needs no download), whose img/s land in $(GPU_RUN)/metrics.jsonl
+GPU_DATA ?= /tmp/simclr-gpu-data
+GPU_RUN ?= /tmp/simclr-gpu-run
+bench-gpu: setup
+	$(PYTHON) bench.py --device cuda --out bench_gpu.json
+	$(PYTHON) -c "import os, torch, torchvision; d = '$(GPU_DATA)/train/x'; os.makedirs(d, exist_ok=True); \
+	  [torchvision.io.write_png(torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8), f'{d}/{i}.png') for i in range(8192)]"
+	$(PYTHON) train.py --dataset folder --data-dir $(GPU_DATA) --image-size 96 --batch-size 512 --max-steps 300 \
+	  --log-every 50 --output-dir $(GPU_RUN)
+	tail -n 3 $(GPU_RUN)/metrics.jsonl

@@ -280,44 +280,64 @@ class BatchAugment(torch.nn.Module):
         )
 
     def forward(self, images, generator=None):
+        """One view of `images`. The parameters are drawn on the generator's device, by default the CPU: then
+        everything that depends on them is known on the host and reaches the GPU without any stream sync."""
         b, _, height, width = images.shape
-        return self.apply(images, self.sample_params(b, height, width, generator, images.device))
+        device = generator.device if generator is not None else torch.device("cpu")
+        return self.apply(images, self.sample_params(b, height, width, generator, device))
 
     def apply(self, images, p):
-        """The view of `images` under the parameters p. Per-sample constants are built once for the batch; on
-        the CPU the pixels then go through in chunks of about cpu_chunk_bytes, so that the passes over a chunk
-        stay in the cache."""
+        """The view of `images` under the parameters p. Per-sample constants are built once for the batch, where
+        p lives; on the CPU the pixels then go through in chunks of about cpu_chunk_bytes, so that the passes
+        over a chunk stay in the cache."""
         b, c, height, width = images.shape
-        gx, gy = crop_coords(p["boxes"], self.size, height, width, p["flip"])
-        rot = p["rot"] if self.rotate_p > 0 else None
-        w = luma_weights(c, images.device)
+        gx, gy = crop_coords(p["boxes"], self.size, height, width, p["flip"])  # (B, S) each
+        w = luma_weights(c, gx.device)
         op = torch.where(p["jitter"][:, None], p["order"], torch.full_like(p["order"], 4))  # (B, 4); 4: skip
         rounds = []
         for t in range(4 if self.jitter_p > 0 and self.s > 0 else 0):
             f = p["factors"].gather(1, op[:, t].clamp(max=3)[:, None])[:, 0]  # (B,) this round's factor
             rounds.append((*color_maps(op[:, t], f, w), torch.where(op[:, t] == 3, f, torch.zeros_like(f))))
-        # the samples that need hue in each round, and blur: index tensors read with a single host sync
+        # the samples that need hue in each round, and blur, as index tensors (one host read if p is on a GPU)
         masks = [op[:, t] == 3 for t in range(len(rounds))] if c == 3 else []
         masks.append(p["sigma"] > 0 if self.blur_p > 0 else torch.zeros_like(p["flip"]))
         counts = torch.stack([m.sum() for m in masks]).tolist()
         subsets = [(~m).to(torch.uint8).argsort(stable=True)[:n] for m, n in zip(masks, counts)]  # True first
-        gray = p["gray"].float() if self.gray_p > 0 else torch.zeros_like(p["sigma"])
-        solarize = p["solarize"] if self.solarize_p > 0 else torch.zeros_like(p["flip"])
+        plan = dict(gx=gx, gy=gy, rot=p["rot"] if self.rotate_p > 0 else None, w=w, rounds=rounds,
+                    subsets=subsets, sigma=p["sigma"],
+                    gray=p["gray"].float() if self.gray_p > 0 else torch.zeros_like(p["sigma"]),
+                    solarize=p["solarize"] if self.solarize_p > 0 else torch.zeros_like(p["flip"]))
+        plan = _to_device(plan, images.device)
 
         out = torch.empty(b, 3, self.size, self.size, device=images.device)
         chunk = b if images.is_cuda else max(1, self.cpu_chunk_bytes // (4 * c * self.size ** 2))
         for i in range(0, b, chunk):
             j = min(b, i + chunk)
-            local = [idx if chunk >= b else idx[(idx >= i) & (idx < j)] - i for idx in subsets]
-            x = F.grid_sample(images[i:j].float(), sample_grid(gx[i:j], gy[i:j], None if rot is None else rot[i:j]), mode="bilinear",
-                              padding_mode="border", align_corners=False)  # (n, C, S, S)
+            local = [idx if chunk >= b else idx[(idx >= i) & (idx < j)] - i for idx in plan["subsets"]]
+            rot = None if plan["rot"] is None else plan["rot"][i:j]
+            x = F.grid_sample(images[i:j].float(), sample_grid(plan["gx"][i:j], plan["gy"][i:j], rot),
+                              mode="bilinear", padding_mode="border", align_corners=False)  # (n, C, S, S)
             if images.dtype == torch.uint8:
                 x = x.mul_(1 / 255)  # after the crop: fewer pixels
-            for t, (mat, coef, hue) in enumerate(rounds):
-                x = color_affine(x, mat[i:j], coef[i:j], w)
+            for t, (mat, coef, hue) in enumerate(plan["rounds"]):
+                x = color_affine(x, mat[i:j], coef[i:j], plan["w"])
                 if c == 3 and len(local[t]):
                     x.index_copy_(0, local[t], self.hue(x[local[t]], hue[i:j][local[t]]))
-            if len(local[-1]):  # blur before grayscale: both are linear and act alike on every channel, so they commute
-                x.index_copy_(0, local[-1], gaussian_blur(x[local[-1]], p["sigma"][i:j][local[-1]], self.kernel_size))
-            out[i:j] = self.finish(x, gray[i:j], solarize[i:j], self.mean, self.std)  # (n, 3, S, S)
+            blur = local[-1]
+            if len(blur):  # blur before grayscale: both are linear and act alike on every channel, so they commute
+                x.index_copy_(0, blur, gaussian_blur(x[blur], plan["sigma"][i:j][blur], self.kernel_size))
+            out[i:j] = self.finish(x, plan["gray"][i:j], plan["solarize"][i:j], self.mean, self.std)  # (n, 3, S, S)
         return out
+
+
+def _to_device(obj, device):
+    """Tensors (in dicts, lists, tuples) to `device`; to a GPU from pinned memory, without blocking."""
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    if not isinstance(obj, torch.Tensor) or obj.device == device:
+        return obj
+    if device.type == "cuda" and obj.device.type == "cpu":
+        return obj.pin_memory().to(device, non_blocking=True)
+    return obj.to(device)

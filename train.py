@@ -255,7 +255,7 @@ class Views:
             self.resident = ResidentImages(images, labels, device)
             compile_aug = args.aug_compile if args.aug_compile is not None else device.type == "cpu" or args.compile
             self.aug = BatchAugment(args.image_size, **augment_kwargs(args), compile=compile_aug).to(device)
-            self.gen = torch.Generator(device)
+            self.gen = torch.Generator()  # parameters drawn on the CPU: the same views on any device, no syncs
         else:
             self.dataset = TwoViews(base, SimCLRTransform(args.image_size, **augment_kwargs(args)), args.seed)
             self.loader = torch.utils.data.DataLoader(
@@ -273,6 +273,7 @@ class Views:
             return
         order = torch.tensor(list(self.sampler))
         order = order[:len(order) // self.per_rank * self.per_rank].view(-1, self.per_rank)  # (steps, n)
+        order = order.to(self.resident.images.device)  # once per epoch, not a host-to-device copy per step
         for k, idx in enumerate(order, start):
             x, y = self.resident.batch(idx)  # uint8 (n, C, H, W)
             self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))

@@ -121,3 +121,44 @@ def test_train_py_without_stl10_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "stl10" in r.stderr and "stl10_binary.tar.gz" in r.stderr
+
+
+def assert_tensor_matches_pil(ds):
+    images, ys = data.uint8_images(ds)
+    assert images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(ds)
+    for i in (0, len(ds) - 1):
+        img, y = ds[i]
+        x = torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1)  # (3, H, W)
+        assert torch.equal(images[i].expand_as(x), x) and ys[i] == y
+
+
+def test_uint8_images_hold_the_loaders_pixels(tmp_path, no_md5):
+    write_stl10(tmp_path / "s", n_train=4, n_test=3, n_unlabeled=5)
+    write_cifar(tmp_path / "c", n_train=10, n_test=5)
+    write_idx(tmp_path / "f", n_train=7, n_test=3)
+    assert_tensor_matches_pil(get_dataset("stl10", tmp_path / "s", "train+unlabeled", download=False))
+    assert_tensor_matches_pil(get_dataset("cifar10", tmp_path / "c", "test", download=False))
+    fm = get_dataset("fashion-mnist", str(tmp_path / "f"), "train", download=False)
+    assert data.uint8_images(fm)[0].shape == (7, 1, 28, 28)  # kept as one channel
+    assert_tensor_matches_pil(fm)
+    sub = torch.utils.data.Subset(fm, [4, 1])
+    assert torch.equal(data.uint8_images(sub)[0], data.uint8_images(fm)[0][[4, 1]])
+
+
+def test_folder_is_decoded_once_and_cached(tmp_path):
+    write_folder(tmp_path / "imgs", per_class=3, size=40)
+    with pytest.warns(UserWarning):
+        ds = get_dataset("folder", str(tmp_path / "imgs"), "unlabeled")
+    images, ys = data.uint8_images(ds, size=32)
+    assert images.shape == (6, 3, 32, 32) and (ys == -1).all()
+    cached = list((tmp_path / "cache" / "simclr").glob("folder-*.pt"))
+    assert len(cached) == 1
+    again, _ = data.uint8_images(ds, size=32)
+    assert torch.equal(images, again)
+
+
+def test_resident_images_batch_by_index():
+    images = torch.arange(5 * 2 * 4, dtype=torch.uint8).view(5, 2, 2, 2)
+    r = data.ResidentImages(images, torch.arange(5), "cpu")
+    x, y = r.batch(torch.tensor([3, 0]))
+    assert torch.equal(x, images[[3, 0]]) and y.tolist() == [3, 0]

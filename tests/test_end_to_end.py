@@ -18,10 +18,11 @@ def run_train(argv):
     return args
 
 
-def test_train_then_eval_then_resume(tmp_path, no_md5, capsys):
+@pytest.mark.parametrize("pipeline", ["batched", "per-image"])
+def test_train_then_eval_then_resume(tmp_path, no_md5, capsys, pipeline):
     write_cifar(tmp_path / "data", n_train=40, n_test=20)
     out = str(tmp_path / "run")
-    common = TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", out]
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", out, "--pipeline", pipeline]
     run_train(common + ["--max-steps", "2"])
     for f in ("last.pt", "metrics.jsonl", "curves.png", "augmentations.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
