@@ -3,8 +3,24 @@ with the negatives gathered from every rank when torch.distributed is running.
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own rows summed over all ranks (plain
+    dist.all_gather has no backward, which silently drops the other ranks' gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)  # (world * rows, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's rows: sum their gradients
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def nt_xent(z1, z2, temperature=0.5, gather=True):
@@ -23,7 +39,7 @@ def nt_xent(z1, z2, temperature=0.5, gather=True):
         rank, candidates = 0, z
         if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             rank = dist.get_rank()
-            candidates = torch.cat(dist_fn.all_gather(z))  # (2N * world, d), rank r's rows at [2N r, 2N (r+1))
+            candidates = GatherWithGrad.apply(z)  # (2N * world, d), rank r's rows at [2N r, 2N (r+1))
         logits = z @ candidates.T / temperature  # (2N, 2N * world): cosine similarity / tau
         logits.diagonal(2 * n * rank).fill_(float("-inf"))  # anchor i's own column, 2N rank + i: k != i
         partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n) + 2 * n * rank

@@ -2,6 +2,7 @@
 head g(.), as in "A Simple Framework for Contrastive Learning of Visual Representations" (arXiv 2002.05709).
 """
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
@@ -87,6 +88,69 @@ class SimCLR(nn.Module):
         h = self.encoder(x)  # (B, feat_dim)
         z = self.projector(h)  # (B, proj_dim)
         return h, z
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradient over ranks too (every rank's output uses every input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the batch of every rank (the paper's global BN), in plain torch for any device: torch's
+    SyncBatchNorm has GPU kernels only. Statistics are summed with a differentiable all_reduce, so gradients
+    flow to every rank's inputs; outside training or torch.distributed it is ordinary BN. Same state_dict keys."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, c] + [1] * (x.dim() - 2)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        count = torch.full((1,), x.numel() // c, dtype=xf.dtype, device=x.device)
+        stats = AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))  # (2C + 1,) summed
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)  # biased, as BN normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_global_bn(module):
+    """Every BatchNorm of `module` as a GlobalBatchNorm holding the same parameters and buffers."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        like = module.weight if module.affine else module.running_mean
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, device=like.device, dtype=like.dtype)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_global_bn(child))
+    return module
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from augment import BatchAugment, SimCLRTransform, save_preview
 from data import DATASETS, DatasetError, ResidentImages, get_dataset, uint8_images
 from loss import nt_xent
-from model import ARCHS, SimCLR
+from model import ARCHS, SimCLR, convert_global_bn
 
 BASE_LR = {"lars": 0.3, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}  # per 256 images
 
@@ -59,6 +59,9 @@ def get_args_parser():
     g.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 first conv and no max-pool (default: on for images of 64 px or less)")
     g.add_argument("--proj-dim", type=int, default=128, help="output size of the projection head (default: %(default)s)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="global BN over the batch of all ranks, the paper's (default: on when world > 1): torch's "
+                        "SyncBatchNorm on CUDA, model.GlobalBatchNorm elsewhere")
 
     g = p.add_argument_group("augmentation (paper, appendix A)")
     g.add_argument("--jitter-strength", type=float, default=None,
@@ -114,8 +117,9 @@ def get_args_parser():
 
 
 def die(msg):
-    """One actionable line on stderr and exit code 2, never a traceback."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    """One actionable line on stderr (from rank 0 only under torchrun) and exit code 2, never a traceback."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -131,6 +135,8 @@ def resolve_args(args, world_size=1):
     if args.lr is None:
         args.lr = BASE_LR[args.optimizer]
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
+    if args.sync_bn is None:
+        args.sync_bn = world_size > 1
     for name in ("temperature", "lr", "epochs", "image_size", "width", "proj_dim"):
         if not getattr(args, name) > 0:
             die(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -423,8 +429,8 @@ def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=
 
 def build_model(args, world, device):
     model = SimCLR(args.arch, args.proj_dim, args.cifar_stem, args.width)
-    if world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # global BN: statistics of the whole batch
+    if world > 1 and args.sync_bn:  # global BN: statistics of the whole batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_global_bn(model)
     return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
 
@@ -512,12 +518,23 @@ def train(args, rank, world, device):
                                         "step": step, "args": vars(args), "rng": rng_states(),
                                         "train_seconds": train_seconds + time.time() - t_start})
 
+    def global_losses(window):
+        """The window's losses averaged over the ranks: every rank sees the same numbers and decides alike."""
+        losses = torch.stack(window).float()
+        if world > 1:
+            dist.all_reduce(losses)
+            losses /= world
+        return losses
+
     def check_finite(window):
-        bad = [i for i, x in enumerate(torch.stack(window).tolist()) if not math.isfinite(x)]
+        """The window's global losses; a non-finite one stops the run, keeping the last good checkpoint."""
+        losses = global_losses(window)
+        bad = [i for i, x in enumerate(losses.tolist()) if not math.isfinite(x)]
         if bad:
             where = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
             die(f"loss is not finite at step {step - len(window) + bad[0] + 1}; {where}: lower --lr, raise "
                 f"--temperature or use --amp bf16/off")
+        return losses
 
     t_start = time.time()
     net.train()
@@ -535,8 +552,7 @@ def train(args, rank, world, device):
             step += 1
             n_log += args.batch_size
             if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-                check_finite(window)
-                losses = torch.stack(window).float().mean().item()
+                losses = check_finite(window).mean().item()
                 epoch_losses.append((losses, len(window)))
                 img_s = n_log / (time.time() - t_log)
                 if main_rank:
