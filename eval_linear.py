@@ -13,7 +13,7 @@ from tqdm import tqdm
 from augment import eval_transform
 from data import DATASETS, DatasetError, get_dataset, labels
 from model import ARCHS, SimCLR
-from train import die, load_checkpoint, load_model_state
+from train import Parser, die, load_checkpoint, load_model_state
 
 
 def get_args_parser():
@@ -53,7 +53,7 @@ def extract_features(encoder, dataset, device, batch_size=512, workers=0, desc="
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     feats, ys = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())  # (B, d)
         ys.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(ys)
@@ -67,7 +67,7 @@ def train_linear(x, y, num_classes, epochs, lr, weight_decay, batch_size, device
     steps = epochs * max(1, x.shape[0] // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     x, y = x.to(device), y.to(device)
-    for _ in tqdm(range(epochs), desc="linear", leave=False, dynamic_ncols=True):
+    for _ in tqdm(range(epochs), desc="linear", leave=False, dynamic_ncols=True, disable=None):
         perm = torch.randperm(x.shape[0], generator=gen).to(device)
         for i in range(max(1, x.shape[0] // batch_size)):
             idx = perm[i * batch_size:(i + 1) * batch_size]
@@ -96,7 +96,7 @@ def build_encoder(args):
         die("pass --ckpt PATH (a last.pt of train.py) or --random-init --arch NAME")
     ckpt = load_checkpoint(args.ckpt)
     a = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
-    model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"])
+    model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1))
     load_model_state(model, ckpt, args.ckpt)
     return model, a, args.ckpt
 
@@ -157,4 +157,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    main(Parser(parents=[get_args_parser()]).parse_args())

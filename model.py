@@ -32,9 +32,10 @@ def _scaled(channels, width):
     return channels if channels == 3 else max(1, round(channels * width))  # the RGB input keeps 3
 
 
-def build_encoder(arch="resnet18", cifar_stem=False, width=1.0):
+def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1):
     """A torchvision ResNet with `fc = nn.Identity()`; returns (encoder, feature dim). The last BN of each
-    residual block starts at zero, as in the official SimCLR ResNet (init_zero)."""
+    residual block starts at zero, as in the official SimCLR ResNet (init_zero). stem_stride 2 makes the small
+    stem a 3x3 stride-2 conv: a quarter of the compute on 28-32 px images, for CPU runs."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if not width > 0:
@@ -43,7 +44,7 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0):
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
     if cifar_stem:  # small images: 3x3 stride-1 conv and no max-pool (paper, appendix B.9)
-        net.conv1 = _init_conv(nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False))
+        net.conv1 = _init_conv(nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False))
         net.maxpool = nn.Identity()
     if width != 1.0:
         scale_width(net, width)
@@ -79,9 +80,9 @@ class SimCLR(nn.Module):
     """forward(x) -> (h, z): h = f(x) the encoder features (512 for resnet18, 2048 for resnet50, times the
     width multiplier), z = g(h) the projection that the NT-Xent loss sees. Keep h for downstream tasks."""
 
-    def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None):
+    def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None, stem_stride=1):
         super().__init__()
-        self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width)
+        self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width, stem_stride)
         self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim)
 
     def forward(self, x):

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +60,8 @@ def get_args_parser():
                    help="width multiplier of every layer, the paper's 1x/2x/4x; below 1 for CPU runs (default: %(default)s)")
     g.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 first conv and no max-pool (default: on for images of 64 px or less)")
+    g.add_argument("--stem-stride", type=int, default=1, choices=(1, 2),
+                   help="stride of the small stem's 3x3 conv; 2 quarters the compute at 28-32 px (default: %(default)s)")
     g.add_argument("--proj-dim", type=int, default=128, help="output size of the projection head (default: %(default)s)")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="global BN over the batch of all ranks, the paper's (default: on when world > 1): torch's "
@@ -116,10 +120,17 @@ def get_args_parser():
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (what is wrong, then --help), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def die(msg):
     """One actionable line on stderr (from rank 0 only under torchrun) and exit code 2, never a traceback."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        tqdm.write(f"error: {msg}", file=sys.stderr)  # on its own line, also below a progress bar
     sys.exit(2)
 
 
@@ -266,7 +277,7 @@ class Views:
             self.dataset = TwoViews(base, SimCLRTransform(args.image_size, **augment_kwargs(args)), args.seed)
             self.loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
-                num_workers=args.workers, pin_memory=device.type == "cuda")
+                num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
 
     def epoch(self, epoch, start=0):
         """Yield (views, labels) for the steps start, start + 1, ... of `epoch`."""
@@ -323,15 +334,21 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_model_state(model, ckpt, path):
+MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim")
+
+
+def describe(a):
+    return ", ".join(f"{k} {a.get(k)}" for k in MODEL_ARGS if k in a)
+
+
+def load_model_state(model, ckpt, path, wanted=None):
     """Strict load; a checkpoint of another architecture is one line naming both."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
-        a = ckpt["args"]
-        die(f"{path} holds a {a.get('arch')} (width {a.get('width')}, cifar_stem {a.get('cifar_stem')}, proj_dim "
-            f"{a.get('proj_dim')}) that does not fit the model asked for: pass the same --arch/--width/"
-            "--cifar-stem/--proj-dim, or another --output-dir")
+        asked = f", but this run asks for {describe(wanted)}" if wanted else ""
+        die(f"{path} holds a model with {describe(ckpt['args'])}{asked}: pass the checkpoint's --arch/--width/"
+            "--cifar-stem/--stem-stride/--proj-dim, or another --output-dir")
 
 
 def rng_states():
@@ -407,9 +424,45 @@ def main(args):
     rank, world, device = setup_distributed(args)
     try:
         train(args, rank, world, device)
+    except torch.OutOfMemoryError:
+        die(f"out of memory on {device} with --batch-size {args.batch_size} ({args.batch_size // world} per rank): "
+            "use a smaller --batch-size (the learning rate scales with it), or more GPUs")
     finally:
-        if world > 1:
+        if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second signal stops at once). Under
+    torchrun the ranks agree through a small gloo all_reduce, so that they all stop after the same step."""
+
+    def __init__(self, world):
+        self.signal = None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def __bool__(self):
+        """Whether to stop now; under torchrun a collective call, made by every rank after the same step."""
+        if self.group is None:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item() and self.signal is None:
+            self.signal = "a signal to another rank"
+        return bool(flag.item())
+
+
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which finishes the step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True):
@@ -428,7 +481,7 @@ def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=
 
 
 def build_model(args, world, device):
-    model = SimCLR(args.arch, args.proj_dim, args.cifar_stem, args.width)
+    model = SimCLR(args.arch, args.proj_dim, args.cifar_stem, args.width, stem_stride=args.stem_stride)
     if world > 1 and args.sync_bn:  # global BN: statistics of the whole batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_global_bn(model)
     return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -485,7 +538,11 @@ def train(args, rank, world, device):
     resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
     if resume:
         ckpt = load_checkpoint(resume)
-        load_model_state(model, ckpt, resume)
+        load_model_state(model, ckpt, resume, vars(args))
+        if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            die(f"{resume} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
+                f"{steps_per_epoch}: resume with the same dataset and --batch-size "
+                f"({ckpt['args'].get('batch_size')}), or use another --output-dir")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
@@ -515,7 +572,8 @@ def train(args, rank, world, device):
         if main_rank:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch,
-                                        "step": step, "args": vars(args), "rng": rng_states(),
+                                        "step": step, "steps_per_epoch": steps_per_epoch,
+                                        "args": vars(args), "rng": rng_states(),
                                         "train_seconds": train_seconds + time.time() - t_start})
 
     def global_losses(window):
@@ -538,45 +596,60 @@ def train(args, rank, world, device):
 
     t_start = time.time()
     net.train()
-    while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        n_steps = min(steps_per_epoch, start + total_steps - step) - start
-        bar = tqdm(itertools.islice(views.epoch(epoch, start), n_steps), total=n_steps, desc=f"epoch {epoch}",
-                   disable=not main_rank, dynamic_ncols=True)
-        window, epoch_losses, t_log, n_log = [], [], time.time(), 0
-        for x, _ in bar:
-            lr = schedule(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            window.append(train_step(net, x, optimizer, scaler, dtype, args.temperature, args.channels_last))
-            step += 1
-            n_log += args.batch_size
-            if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-                losses = check_finite(window).mean().item()
-                epoch_losses.append((losses, len(window)))
-                img_s = n_log / (time.time() - t_log)
+    stop, stopped = StopRequest(world), False
+    try:
+        while step < total_steps and not stopped:
+            epoch, start = divmod(step, steps_per_epoch)
+            n_steps = min(steps_per_epoch, start + total_steps - step) - start
+            bar = tqdm(itertools.islice(views.epoch(epoch, start), n_steps), total=n_steps, desc=f"epoch {epoch}",
+                       disable=True if not main_rank else None, dynamic_ncols=True)  # None: off when not a tty
+            window, epoch_losses, t_log, n_log = [], [], time.time(), 0
+            for x, _ in bar:
+                lr = schedule(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                window.append(train_step(net, x, optimizer, scaler, dtype, args.temperature, args.channels_last))
+                step += 1
+                n_log += args.batch_size
+                if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+                    losses = check_finite(window).mean().item()
+                    epoch_losses.append((losses, len(window)))
+                    img_s = n_log / (time.time() - t_log)
+                    if main_rank:
+                        bar.set_postfix(loss=f"{losses:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps({"step": step, "epoch": epoch, "loss": losses, "lr": lr,
+                                                "img_s": img_s, "time": train_seconds + time.time() - t_start}) + "\n")
+                    window, t_log, n_log = [], time.time(), 0
+                if args.save_every and step % args.save_every == 0:
+                    if window:
+                        check_finite(window)
+                    checkpoint()
+                if stop and step < total_steps:
+                    if window:
+                        check_finite(window)
+                    checkpoint()
+                    stopped = True
+                    break
+            bar.close()
+            if stopped:
                 if main_rank:
-                    bar.set_postfix(loss=f"{losses:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": losses, "lr": lr,
-                                            "img_s": img_s, "time": train_seconds + time.time() - t_start}) + "\n")
-                window, t_log, n_log = [], time.time(), 0
-            if args.save_every and step % args.save_every == 0:
-                if window:
-                    check_finite(window)
-                checkpoint()
-        bar.close()
-        if window:
-            check_finite(window)
-        checkpoint()
-        if main_rank:
-            plot_curves(metrics_path, os.path.join(out, "curves.png"))
-            mean = sum(loss * k for loss, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))
-            print(f"epoch {epoch} done: step {step}/{total_steps}, mean loss {mean:.4f}, saved {ckpt_path}")
+                    print(f"stopped by {stop.signal} after step {step}; saved {ckpt_path}. Resume with the same command: "
+                          f"python {shlex.join(sys.argv)}", flush=True)
+                return
+            if window:
+                check_finite(window)
+            checkpoint()
+            if main_rank:
+                plot_curves(metrics_path, os.path.join(out, "curves.png"))
+                mean = sum(loss * k for loss, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))
+                print(f"epoch {epoch} done: step {step}/{total_steps}, mean loss {mean:.4f}, saved {ckpt_path}")
+    finally:
+        stop.restore()
     if main_rank:
         print(f"finished {total_steps} steps in {train_seconds + time.time() - t_start:.0f} s; "
               f"evaluate with: python eval_linear.py --ckpt {ckpt_path}")
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    main(Parser(parents=[get_args_parser()]).parse_args())

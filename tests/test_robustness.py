@@ -1,0 +1,189 @@
+"""Never lose a run: exact resume after a kill or a signal, safe checkpoint loading, one-line errors."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import eval_linear
+import train
+from conftest import ROOT, write_folder, write_idx
+
+TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.25", "--batch-size", "16", "--amp", "off",
+        "--no-download", "--no-aug-compile", "--log-every", "5", "--seed", "3"]
+
+
+def run_cmd(argv):
+    return [sys.executable, os.path.join(ROOT, "train.py"), *argv]
+
+
+def same_checkpoints(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+
+
+@pytest.mark.parametrize("how,pipeline", [("SIGKILL", "batched"), ("SIGTERM", "batched"), ("SIGKILL", "per-image")])
+def test_killed_run_resumes_bit_identical(tmp_path, how, pipeline):
+    """Slow-ish (three training processes). Reference run, then the same command killed part-way (after its
+    first checkpoint, mid-epoch) and run again: the final weights and optimiser state are bit-identical."""
+    write_idx(tmp_path / "data", n_train=80, n_test=10)  # 5 steps per epoch
+    args = TINY + ["--data-dir", str(tmp_path / "data"), "--epochs", "6", "--warmup-epochs", "1", "--save-every", "2",
+                   "--pipeline", pipeline, "--workers", "2"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    ref = subprocess.run(run_cmd(args + ["--output-dir", str(tmp_path / "ref")]), capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "run"
+    cmd = run_cmd(args + ["--output-dir", str(out)])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(getattr(signal, how))
+    stdout, stderr = proc.communicate(timeout=120)
+    if how == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:  # finishes the step, saves, exits 0 with how to resume
+        assert proc.returncode == 0, stderr[-2000:]
+        assert "stopped by SIGTERM" in stdout and "Resume with the same command" in stdout
+    step = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 0 < step < 30
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {out / 'last.pt'} at step {step}" in again.stdout
+    same_checkpoints(tmp_path / "ref" / "last.pt", out / "last.pt")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def one_line_exit_2(capsys, fn):
+    with pytest.raises(SystemExit) as e:
+        fn()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def train_main(argv):
+    return lambda: train.main(train.Parser(parents=[train.get_args_parser()]).parse_args(argv))
+
+
+def eval_main(argv):
+    return lambda: eval_linear.main(train.Parser(parents=[eval_linear.get_args_parser()]).parse_args(argv))
+
+
+@pytest.fixture
+def fm(tmp_path):
+    return str(write_idx(tmp_path / "fm", n_train=40, n_test=10))
+
+
+@pytest.mark.parametrize("case,argv,expect", [
+    ("missing dataset", ["--dataset", "stl10", "--data-dir", "nowhere", "--no-download"], "stl10_binary.tar.gz"),
+    ("unknown dataset", ["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    ("unknown arch", ["--arch", "vgg16"], "invalid choice: 'vgg16'"),
+    ("batch below 2", ["--batch-size", "1"], "at least 2"),
+    ("batch above dataset", ["--batch-size", "64"], "larger than the 40 images"),
+    ("temperature", ["--temperature", "0"], "--temperature must be positive"),
+    ("lr", ["--lr", "-0.1"], "--lr must be positive"),
+    ("epochs", ["--epochs", "0"], "--epochs must be positive"),
+    ("not a number", ["--lr", "fast"], "invalid float value"),
+])
+def test_bad_train_flags(capsys, fm, case, argv, expect):
+    err = one_line_exit_2(capsys, train_main(["--dataset", "fashion-mnist", "--data-dir", fm, *argv]))
+    assert expect in err, err
+
+
+def test_empty_folder_and_folder_without_images(capsys, tmp_path):
+    os.makedirs(tmp_path / "empty")
+    assert "no readable image" in one_line_exit_2(
+        capsys, train_main(["--dataset", "folder", "--data-dir", str(tmp_path / "empty")]))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("not an image")
+    assert "no readable image" in one_line_exit_2(
+        capsys, train_main(["--dataset", "folder", "--data-dir", str(tmp_path / "texts")]))
+
+
+def test_batch_that_does_not_divide_over_ranks(capsys, fm):
+    args = train.get_args_parser().parse_args(["--batch-size", "15"])
+    assert "does not divide over 2 ranks" in one_line_exit_2(capsys, lambda: train.resolve_args(args, world_size=2))
+
+
+def test_output_dir_not_writable(capsys, fm, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(tmp_path / "file" / "x")]))
+    assert "is not writable" in err
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, fm, tmp_path):
+    out = tmp_path / "run"
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2"])()
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "9",
+                                                     "--temperature", "1e-45"]))
+    assert "loss is not finite at step 3" in err and "last good checkpoint" in err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_out_of_memory_is_one_line(capsys, fm, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "train_step", oom)
+    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(tmp_path / "r")]))
+    assert "out of memory" in err and "smaller --batch-size" in err
+
+
+def test_checkpoint_of_another_arch_names_both_and_is_kept(capsys, fm, tmp_path):
+    out = tmp_path / "run"
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1"])()
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    argv = [a if a != "0.25" else "0.5" for a in TINY]  # width 0.5 into a folder that holds width 0.25
+    err = one_line_exit_2(capsys, train_main(argv + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2"]))
+    assert "width 0.25" in err and "width 0.5" in err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_with_another_batch_size_is_refused(capsys, fm, tmp_path):
+    out = tmp_path / "run"
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1"])()
+    capsys.readouterr()
+    argv = [a if a != "16" else "8" for a in TINY]
+    assert "--batch-size" in one_line_exit_2(
+        capsys, train_main(argv + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "3"]))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "foreign", "code"])
+def test_bad_checkpoints_for_eval(capsys, fm, tmp_path, kind):
+    path = tmp_path / "ckpt.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif kind == "truncated":
+        train_main(TINY + ["--data-dir", fm, "--output-dir", str(tmp_path / "r"), "--max-steps", "1"])()
+        path.write_bytes((tmp_path / "r" / "last.pt").read_bytes()[:5000])
+    elif kind == "foreign":
+        torch.save([1, 2, 3], path)
+    elif kind == "code":
+        with open(path, "wb") as f:
+            pickle.dump(Evil(), f)
+    capsys.readouterr()
+    err = one_line_exit_2(capsys, eval_main(["--ckpt", str(path), "--data-dir", fm]))
+    assert str(path) in err
+    assert not os.path.exists("pwned")  # weights_only: loading a checkpoint never runs its code
