@@ -65,6 +65,20 @@ def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+def eval_batch(images, size, mean, std):
+    """eval_transform for a batch: uint8 (B, C, H, W) -> normalised float (B, 3, size, size); mean, std (3,)."""
+    x = images.float() / 255
+    if x.shape[-1] != size or x.shape[-2] != size:  # resize the short side to size, then centre-crop
+        h, w = x.shape[-2:]
+        s = size / min(h, w)
+        x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bilinear",
+                          antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    mean, std = torch.as_tensor(mean, device=x.device), torch.as_tensor(std, device=x.device)
+    return (x.expand(-1, 3, -1, -1) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
 def save_preview(images, transform, path, seed=0):
     """Write a PNG grid with one column per image: the image, then its two views (un-normalised)."""
     mean = torch.tensor(transform.mean).view(3, 1, 1)

@@ -12,15 +12,14 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from augment import BatchAugment, SimCLRTransform
-from data import DATASETS, ResidentImages
+from data import DATASETS, ResidentImages, TwoViews
 from loss import nt_xent
-from train import LARS, TwoViews, amp_dtype, build_model, build_optimizer, train_step
+from train import amp_dtype, build_model, build_optimizer, train_step
 
 
 def get_args_parser():

@@ -4,6 +4,7 @@ A dataset that fits in memory can also be held whole as one uint8 tensor (Reside
 """
 import gzip
 import hashlib
+import itertools
 import os
 import shutil
 import warnings
@@ -310,3 +311,85 @@ class ResidentImages:
             x = x.pin_memory() if self.device.type == "cuda" else x
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two-view batches for pretraining, reproducible wherever a run stops and resumes.
+
+def mix_seed(*parts):
+    """One 63-bit seed from several integers (seed, rank, epoch, step, ...)."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2 ** 63 - 1)
+    return h
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """((view1, view2), label) per image through `transform` (returning two views). The augmentation of image i
+    in epoch e draws from a torch RNG seeded by (seed, e, i): the same whatever the workers, ranks or resumes."""
+
+    def __init__(self, dataset, transform, seed):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, i))
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (shuffle, drop_last, set_epoch) that can start an epoch after `skip` samples."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class TwoViewBatches:
+    """One rank's pretraining batches: (views (2n, 3, S, S) on `device`, labels (n,)), view 1 of image i at row i
+    and view 2 at row n + i. Either batched, `batch_augment` (e.g. augment.BatchAugment) applied on the device
+    to the dataset held as one uint8 tensor, its parameters drawn from a CPU generator seeded by (seed, rank,
+    epoch, step); or per image, `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both walk the
+    same ResumableSampler order, so a resumed run sees the views an uninterrupted one would have seen."""
+
+    def __init__(self, dataset, per_rank, rank, world, seed, device, batch_augment=None, image_size=None,
+                 transform=None, workers=0, worker_init_fn=None):
+        self.per_rank, self.rank, self.seed, self.device = per_rank, rank, seed, torch.device(device)
+        self.sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // per_rank
+        self.augment = batch_augment
+        if batch_augment is not None:
+            self.resident = ResidentImages(*uint8_images(dataset, image_size), self.device)
+            self.gen = torch.Generator()  # parameters drawn on the CPU: the same views on any device, no syncs
+        else:
+            self.dataset = TwoViews(dataset, transform, seed)
+            self.loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=per_rank, sampler=self.sampler, drop_last=True, num_workers=workers,
+                pin_memory=self.device.type == "cuda", worker_init_fn=worker_init_fn)
+
+    def epoch(self, epoch, start=0):
+        """Yield the batches of steps start, start + 1, ... of `epoch`."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = start * self.per_rank
+        if self.augment is None:
+            self.dataset.set_epoch(epoch)
+            for (v1, v2), y in self.loader:
+                yield torch.cat([v1, v2]).to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return
+        order = torch.tensor(list(self.sampler))
+        order = order[:len(order) // self.per_rank * self.per_rank].view(-1, self.per_rank)  # (steps, n)
+        order = order.to(self.resident.images.device)  # once per epoch, not a host-to-device copy per step
+        for k, idx in enumerate(order, start):
+            x, y = self.resident.batch(idx)  # uint8 (n, C, H, W)
+            self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))
+            yield self.augment(torch.cat([x, x]), self.gen), y  # two independent draws per image

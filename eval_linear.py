@@ -1,7 +1,9 @@
-"""Linear evaluation of a SimCLR encoder (arXiv 2002.05709, section 4): the encoder is frozen in eval mode,
-its features of the train and test splits are extracted once, and a linear classifier is trained on them.
+"""Evaluation of SimCLR encoders (arXiv 2002.05709): linear evaluation on frozen features (an L2-regularised
+logistic regression, its weight decay chosen on held-out training images), kNN, and fine-tuning the whole network
+with labels against the same network from random weights (the paper's ablation), at several label fractions.
 """
 import argparse
+import copy
 import json
 import os
 import time
@@ -10,68 +12,137 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from augment import eval_transform
-from data import DATASETS, DatasetError, get_dataset, labels
+from augment import BatchAugment, eval_batch
+from data import DATASETS, DatasetError, get_dataset, uint8_images
 from model import ARCHS, SimCLR
-from train import Parser, die, load_checkpoint, load_model_state
+from train import (Parser, amp_dtype, die, extract_features, knn_predict, load_checkpoint, load_model_state,
+                   save_json)
+
+WEIGHT_DECAYS = [10.0 ** e for e in range(-7, 0)]  # grid for the logistic regression, per sample
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("SimCLR linear evaluation", add_help=False)
-    g = p.add_argument_group("encoder")
-    g.add_argument("--ckpt", default=None, help="a train.py checkpoint (last.pt)")
-    g.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder (the baseline)")
-    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="with --random-init (default: %(default)s)")
-    g.add_argument("--width", type=float, default=1.0, help="with --random-init (default: %(default)s)")
+    p = argparse.ArgumentParser("SimCLR evaluation", add_help=False)
+    g = p.add_argument_group("encoders")
+    g.add_argument("--ckpt", nargs="*", default=[], help="train.py checkpoints (last.pt), one or several")
+    g.add_argument("--random-init", action="store_true",
+                   help="also evaluate the same network with random weights, the baseline")
+    g.add_argument("--pixels", action="store_true", help="also evaluate the raw pixels as features")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="random init without --ckpt (default: %(default)s)")
+    g.add_argument("--width", type=float, default=1.0, help="random init without --ckpt (default: %(default)s)")
     g.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --random-init (default: on for images of 64 px or less)")
+                   help="random init without --ckpt (default: on for images of 64 px or less)")
+    g.add_argument("--stem-stride", type=int, default=1, choices=(1, 2), help="random init without --ckpt")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, choices=list(DATASETS),
-                   help="(default: the checkpoint's; STL-10 trains on its 5k labelled images, tests on 8k)")
+                   help="(default: the checkpoint's; STL-10 trains on its 5k labelled images, tests on its 8k)")
     g.add_argument("--data-dir", default=None, help="dataset root (default: the checkpoint's)")
     g.add_argument("--image-size", type=int, default=None, help="(default: the checkpoint's, else the dataset's)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--max-train-samples", type=int, default=None, help="use the first N training images (quick checks)")
-    g.add_argument("--max-test-samples", type=int, default=None, help="use the first N test images (quick checks)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="(default: %(default)s)")
-    g = p.add_argument_group("linear classifier")
-    g.add_argument("--epochs", type=int, default=100, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, cosine decay (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    g.add_argument("--max-train-samples", type=int, default=None, help="the first N training images (quick checks)")
+    g.add_argument("--max-test-samples", type=int, default=None, help="the first N test images (quick checks)")
+    g = p.add_argument_group("protocols")
+    g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn", "finetune"),
+                   help="linear: logistic regression on frozen features; knn: k nearest neighbours (cosine, "
+                        "temperature-weighted votes); finetune: the whole network with labels, test accuracy "
+                        "after every epoch (default: %(default)s)")
+    g.add_argument("--label-fraction", nargs="+", type=float, default=[1.0],
+                   help="class-balanced fractions of the training labels, e.g. 0.01 0.1 1.0 (default: %(default)s)")
+    g.add_argument("--solver", default="lbfgs", choices=("lbfgs", "sgd"),
+                   help="linear: full-batch L-BFGS (the paper's protocol for linear transfer) or SGD with momentum "
+                        "and cosine decay over --epochs (default: %(default)s)")
+    g.add_argument("--weight-decay", nargs="+", type=float, default=WEIGHT_DECAYS,
+                   help="linear: L2 penalties to choose from on 10%% of the training split held out; one value "
+                        "skips the choice (default: 1e-7 ... 1e-1)")
+    g.add_argument("--epochs", type=int, default=100, help="linear with --solver sgd (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=256, help="linear sgd and finetune (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=0.1, help="linear sgd learning rate (default: %(default)s)")
+    g.add_argument("--knn-k", type=int, default=200, help="(default: %(default)s)")
+    g.add_argument("--knn-t", type=float, default=0.07, help="vote temperature (default: %(default)s)")
+    g.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s)")
+    g.add_argument("--finetune-lr", type=float, default=0.05,
+                   help="SGD base learning rate per 256 images, cosine decay (default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
+                   help="autocast for fine-tuning (default: %(default)s); features are extracted in float32")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--output-dir", default=None,
-                   help="where the results JSON goes (default: beside the checkpoint; runs/eval with --random-init)")
+                   help="where results and plots go (default: beside the first checkpoint, else runs/eval)")
     return p
 
 
-@torch.no_grad()
-def extract_features(encoder, dataset, device, batch_size=512, workers=0, desc="features"):
-    """(features (N, d) float32 on CPU, labels (N,)) of the frozen encoder, no augmentation."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    feats, ys = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())  # (B, d)
-        ys.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(ys)
+# ------------------------------------------------------------------------------------------------- encoders
+
+def load_encoders(args):
+    """[(name, SimCLR model or None for pixels, its train args)]"""
+    encoders = []
+    for i, path in enumerate(args.ckpt):
+        ckpt = load_checkpoint(path)
+        a = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
+        model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1))
+        load_model_state(model, ckpt, path)
+        name = "simclr" if len(args.ckpt) == 1 else os.path.basename(os.path.dirname(os.path.abspath(path))) or str(i)
+        encoders.append((name, model, a))
+    first = encoders[0][2] if encoders else {}
+    if args.random_init:
+        a = dict(first) if first else {}
+        if not first:
+            size = args.image_size or DATASETS[args.dataset or "stl10"]["size"]
+            a = dict(arch=args.arch, width=args.width, stem_stride=args.stem_stride, proj_dim=128, image_size=size,
+                     cifar_stem=size <= 64 if args.cifar_stem is None else args.cifar_stem)
+        torch.manual_seed(args.seed)
+        model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1))
+        encoders.append(("random", model, dict(a, train_seconds=0.0)))
+    if args.pixels:
+        encoders.append(("pixels", None, dict(first, arch="pixels", train_seconds=0.0)))
+    if not encoders:
+        die("nothing to evaluate: pass --ckpt PATH (a last.pt of train.py), --random-init or --pixels")
+    return encoders
 
 
-def train_linear(x, y, num_classes, epochs, lr, weight_decay, batch_size, device, seed=0):
-    """Multinomial logistic regression on standardised features; SGD with momentum and cosine decay."""
+# ------------------------------------------------------------------------------------------------ protocols
+
+def balanced_subset(labels, fraction, seed):
+    """Indices of a class-balanced subset: round(fraction * n_c) (at least 1) images of each class c."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
     gen = torch.Generator().manual_seed(seed)
-    clf = torch.nn.Linear(x.shape[1], num_classes).to(device)
-    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    steps = epochs * max(1, x.shape[0] // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    x, y = x.to(device), y.to(device)
-    for _ in tqdm(range(epochs), desc="linear", leave=False, dynamic_ncols=True, disable=None):
-        perm = torch.randperm(x.shape[0], generator=gen).to(device)
-        for i in range(max(1, x.shape[0] // batch_size)):
+    picks = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero()[:, 0]
+        k = max(1, round(fraction * len(idx)))
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    return torch.cat(picks).sort().values
+
+
+def fit_logistic(x, y, classes, weight_decay, solver="lbfgs", epochs=100, lr=0.1, batch_size=256, seed=0, init=None):
+    """Multinomial logistic regression: mean cross-entropy + weight_decay / 2 * ||W||^2. -> nn.Linear"""
+    clf = torch.nn.Linear(x.shape[1], classes).to(x.device)
+    if init is not None:
+        clf.load_state_dict(init.state_dict())
+    else:
+        torch.nn.init.zeros_(clf.weight), torch.nn.init.zeros_(clf.bias)
+    if solver == "lbfgs":
+        opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=200, history_size=20, tolerance_grad=1e-6,
+                                tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(clf(x), y) + weight_decay / 2 * clf.weight.pow(2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return clf
+    gen = torch.Generator().manual_seed(seed)
+    steps = max(1, x.shape[0] // batch_size)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        for i in range(steps):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(clf(x[idx]), y[idx])
+            loss = F.cross_entropy(clf(x[idx]), y[idx]) + weight_decay / 2 * clf.weight.pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -79,81 +150,224 @@ def train_linear(x, y, num_classes, epochs, lr, weight_decay, batch_size, device
     return clf
 
 
+def linear_probe(xtr, ytr, xte, classes, args):
+    """Standardise with the training statistics, choose the weight decay on 10% of the training images held
+    out, refit on all of them, score the test set. -> (logits of the test set, chosen weight decay)"""
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    kw = dict(solver=args.solver, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    decays, init = sorted(args.weight_decay, reverse=True), None
+    best = decays[0]
+    if len(decays) > 1:
+        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(args.seed))
+        n_val = max(1, len(ytr) // 10)
+        val, fit = perm[:n_val], perm[n_val:]
+        scores = []
+        for wd in decays:  # strongest first, each fit warm-started from the previous one
+            init = fit_logistic(xtr[fit], ytr[fit], classes, wd, init=init, **kw)
+            with torch.no_grad():
+                scores.append((init(xtr[val]).argmax(1) == ytr[val]).float().mean().item())
+        best = decays[max(range(len(decays)), key=lambda i: (scores[i], -i))]
+    clf = fit_logistic(xtr, ytr, classes, best, **kw)
+    with torch.no_grad():
+        return clf(xte), best
+
+
+def finetune(model, train_images, ytr, test_images, yte, classes, size, mean, std, args, device, desc):
+    """Train encoder + a linear head with labels (random crop and flip); test top-1 after every epoch."""
+    torch.manual_seed(args.seed)
+    encoder = copy.deepcopy(model.encoder).to(device).train()
+    head = torch.nn.Linear(model.feat_dim, classes).to(device)
+    net = torch.nn.Sequential(encoder, head).to(memory_format=torch.channels_last)
+    batch = min(args.batch_size, len(ytr))
+    steps = max(1, len(ytr) // batch)
+    lr = args.finetune_lr * batch / 256
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([dict(params=decay, weight_decay=5e-4), dict(params=rest, weight_decay=0.0)], lr=lr,
+                          momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.finetune_epochs * steps)
+    aug = BatchAugment(size, crop_scale=(0.25, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+                       mean=mean.tolist(), std=std.tolist()).to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    dtype = amp_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    curve = []
+    for epoch in tqdm(range(args.finetune_epochs), desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        net.train()
+        perm = torch.randperm(len(ytr), generator=gen)
+        for i in range(steps):
+            idx = perm[i * batch:(i + 1) * batch]
+            x = aug(train_images[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(net(x), ytr[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+        net.eval()
+        logits = predict(net, test_images, size, mean, std, device, dtype)
+        curve.append(topk(logits, yte, 1))
+    return curve, logits
+
+
+@torch.no_grad()
+def predict(net, images, size, mean, std, device, dtype, batch_size=512):
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = eval_batch(images[i:i + batch_size].to(device), size, mean, std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(net(x).float().cpu())
+    return torch.cat(out)
+
+
 def topk(logits, y, k):
     k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).float().mean().item() * 100
+    return round((logits.topk(k, dim=1).indices.cpu() == y[:, None]).any(dim=1).float().mean().item() * 100, 2)
 
 
-def build_encoder(args):
-    """-> (encoder, its train args as a dict, name)"""
-    if args.random_init:
-        size = args.image_size or DATASETS[args.dataset or "stl10"]["size"]
-        cifar_stem = size <= 64 if args.cifar_stem is None else args.cifar_stem
-        model = SimCLR(args.arch, cifar_stem=cifar_stem, width=args.width)
-        torch.manual_seed(args.seed)
-        return model, dict(arch=args.arch, width=args.width, cifar_stem=cifar_stem, image_size=size), "random-init"
-    if not args.ckpt:
-        die("pass --ckpt PATH (a last.pt of train.py) or --random-init --arch NAME")
-    ckpt = load_checkpoint(args.ckpt)
-    a = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
-    model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1))
-    load_model_state(model, ckpt, args.ckpt)
-    return model, a, args.ckpt
+# ------------------------------------------------------------------------------------------------- plots
 
+def plot_results(results, out, dataset):
+    """ablation_DATASET.png: fine-tuning test accuracy per epoch, per encoder and label fraction;
+    label_fractions_DATASET.png: accuracy against the label fraction, per encoder and protocol."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    curves = [r for r in results if r.get("curve")]
+    if curves:
+        fractions = sorted({r["label_fraction"] for r in curves})
+        fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.8), squeeze=False)
+        for ax, f in zip(axes[0], fractions):
+            for r in (r for r in curves if r["label_fraction"] == f):
+                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=f"{r['encoder']} init")
+            ax.set(xlabel="fine-tuning epoch", ylabel="test top-1 (%)", title=f"{dataset}, {f:g} of the labels")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out, f"ablation_{dataset}.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    fractions = sorted({r["label_fraction"] for r in results})
+    if len(fractions) > 1:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for key in sorted({(r["encoder"], r["protocol"]) for r in results}):
+            rows = sorted((r for r in results if (r["encoder"], r["protocol"]) == key), key=lambda r: r["label_fraction"])
+            ax.plot([r["label_fraction"] for r in rows], [r["top1"] for r in rows], marker="o", label=" ".join(key))
+        ax.set(xscale="log", xlabel="fraction of training labels", ylabel="test top-1 (%)", title=dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out, f"label_fractions_{dataset}.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------- main
 
 def main(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
-        die("--epochs, --batch-size and --lr must be positive")
-    model, train_args, name = build_encoder(args)
-    dataset = args.dataset or train_args.get("dataset") or "stl10"
-    data_dir = args.data_dir or (train_args.get("data_dir") if dataset == train_args.get("dataset") else None)
-    size = args.image_size or train_args.get("image_size") or DATASETS[dataset]["size"]
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or args.finetune_epochs < 1:
+        die("--epochs, --batch-size, --lr and --finetune-epochs must be positive")
+    if not all(0 < f <= 1 for f in args.label_fraction):
+        die(f"--label-fraction takes values in (0, 1], got {args.label_fraction}")
+    encoders = load_encoders(args)
+    first = encoders[0][2]
+    dataset = args.dataset or first.get("dataset") or "stl10"
+    data_dir = args.data_dir or (first.get("data_dir") if dataset == first.get("dataset") else None)
+    size = args.image_size or first.get("image_size") or DATASETS[dataset]["size"]
     info = DATASETS[dataset]
-    tf = eval_transform(size, info["mean"], info["std"])
+    mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
     try:
-        train_set = get_dataset(dataset, data_dir, "train", tf, download=args.download)
-        test_set = get_dataset(dataset, data_dir, "test", tf, download=args.download)
+        train_set = get_dataset(dataset, data_dir, "train", download=args.download)
+        test_set = get_dataset(dataset, data_dir, "test", download=args.download)
     except DatasetError as e:
         die(str(e))
-    if args.max_train_samples:
-        train_set = torch.utils.data.Subset(train_set, range(min(args.max_train_samples, len(train_set))))
-    if args.max_test_samples:
-        test_set = torch.utils.data.Subset(test_set, range(min(args.max_test_samples, len(test_set))))
+    train_images, ytr = uint8_images(train_set, size)
+    test_images, yte = uint8_images(test_set, size)
+    train_images, ytr = train_images[:args.max_train_samples], ytr[:args.max_train_samples]
+    test_images, yte = test_images[:args.max_test_samples], yte[:args.max_test_samples]
+    classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
+    subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction}
 
-    encoder = model.encoder.to(device).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    xtr, ytr = extract_features(encoder, train_set, device, workers=args.workers, desc="train features")
-    xte, yte = extract_features(encoder, test_set, device, workers=args.workers, desc="test features")
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6  # standardise with the training statistics
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    num_classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
-    clf = train_linear(xtr, ytr, num_classes, args.epochs, args.lr, args.weight_decay, args.batch_size, device,
-                       args.seed)
-    with torch.no_grad():
-        logits = clf(xte.to(device)).cpu()  # (N_test, classes)
-    # the frozen encoder must come out bit-identical, BN statistics included (as moco's lincls checks)
-    after = encoder.state_dict()
-    assert not encoder.training and all(torch.equal(before[k], after[k]) for k in before), "encoder changed"
+    results = []
+    for name, model, _ in encoders:
+        if model is not None:
+            model = model.to(device, memory_format=torch.channels_last)
+        if {"linear", "knn"} & set(args.protocol):
+            encoder = None
+            if model is not None:
+                encoder = model.encoder.eval()
+                for p in encoder.parameters():
+                    p.requires_grad_(False)
+                before = {k: v.clone() for k, v in encoder.state_dict().items()}
+            xtr = extract_features(encoder, train_images, size, mean, std, device, desc=f"{name} train features")
+            xte = extract_features(encoder, test_images, size, mean, std, device, desc=f"{name} test features")
+            if encoder is not None:  # the frozen encoder is bit-identical, BN statistics included (moco's check)
+                after = encoder.state_dict()
+                assert not encoder.training and all(torch.equal(before[k], after[k]) for k in before), "encoder changed"
+            xtr, xte = xtr.to(device), xte.to(device)
+            for f, idx in subsets.items():
+                if "linear" in args.protocol:
+                    logits, wd = linear_probe(xtr[idx], ytr[idx].to(device), xte, classes, args)  # no test labels
+                    results.append(dict(encoder=name, protocol="linear", label_fraction=f, top1=topk(logits, yte, 1),
+                                        top5=topk(logits, yte, 5), weight_decay=wd, train_samples=len(idx)))
+                if "knn" in args.protocol:
+                    logits = knn_predict(xtr[idx], ytr[idx].to(device), xte, classes, args.knn_k, args.knn_t)
+                    results.append(dict(encoder=name, protocol="knn", label_fraction=f, top1=topk(logits, yte, 1),
+                                        top5=topk(logits, yte, 5), train_samples=len(idx)))
+            if model is not None:
+                for p in model.encoder.parameters():
+                    p.requires_grad_(True)
+        if "finetune" in args.protocol and model is not None:
+            for f, idx in subsets.items():
+                curve, logits = finetune(model, train_images[idx], ytr[idx], test_images, yte, classes, size, mean,
+                                         std, args, device, desc=f"finetune {name} {f:g}")
+                results.append(dict(encoder=name, protocol="finetune", label_fraction=f, top1=curve[-1],
+                                    top5=topk(logits, yte, 5), curve=curve, train_samples=len(idx)))
 
-    result = {"top1": round(topk(logits, yte, 1), 2), "top5": round(topk(logits, yte, 5), 2), "ckpt": name,
-              "dataset": dataset, "protocol": "linear", "arch": train_args["arch"], "width": train_args["width"],
-              "image_size": size, "train_samples": len(xtr), "test_samples": len(xte), "epochs": args.epochs,
-              "seconds": round(time.time() - t0, 1), "pretrain_seconds": round(train_args.get("train_seconds", 0.0), 1)}
-    out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt and not args.random_init
-                              else os.path.join("runs", "eval"))
+    out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt[0])) if args.ckpt else os.path.join("runs", "eval"))
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"linear_{dataset}{'_random-init' if args.random_init else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"linear probe on {dataset}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% (pretraining "
-          f"{result['pretrain_seconds']:.0f} s + evaluation {result['seconds']:.0f} s); saved {path}")
-    print(json.dumps(result))
-    return result
+    plots = plot_results(results, out, dataset)
+    eval_seconds = time.time() - t0
+    pretrain_seconds = first.get("train_seconds", 0.0)
+    print_table(results, dataset)
+    head = results[0] if results else {}
+    summary = {"top1": head.get("top1"), "top5": head.get("top5"), "ckpt": args.ckpt[0] if args.ckpt else None,
+               "dataset": dataset, "protocols": args.protocol, "label_fractions": args.label_fraction,
+               "train_samples": len(ytr), "test_samples": len(yte), "image_size": size}
+    main_f = 1.0 if 1.0 in args.label_fraction else args.label_fraction[0]
+    for r in results:  # simclr_top1, random_top1, pixels_top1, ... of the first protocol at all labels
+        if r["protocol"] == args.protocol[0] and r["label_fraction"] == main_f:
+            summary[f"{r['encoder']}_top1"] = r["top1"]
+    summary.update(results=results, plots=plots, pretrain_seconds=round(pretrain_seconds, 1),
+                   eval_seconds=round(eval_seconds, 1), seconds=round(pretrain_seconds + eval_seconds, 1))
+    path = os.path.join(out, f"eval_{dataset}.json")
+    save_json(path, summary)
+    print(f"{dataset}: pretraining {pretrain_seconds:.0f} s + evaluation {eval_seconds:.0f} s = "
+          f"{pretrain_seconds + eval_seconds:.0f} s; saved {path}" + "".join(f", {p}" for p in plots))
+    print(json.dumps(summary))
+    return summary
+
+
+def print_table(results, dataset):
+    if not results:
+        return
+    rows = [(r["encoder"], r["protocol"], f"{r['label_fraction']:g}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
+            for r in results]
+    head = ("encoder", "protocol", "labels", "top-1 %", "top-5 %")
+    widths = [max(len(x[i]) for x in rows + [head]) for i in range(5)]
+    line = lambda x: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(x, widths)))  # noqa
+    print(f"\n{dataset} test set")
+    print(line(head))
+    for r in rows:
+        print(line(r))
+    print()
 
 
 if __name__ == "__main__":

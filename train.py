@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from augment import BatchAugment, SimCLRTransform, save_preview
-from data import DATASETS, DatasetError, ResidentImages, get_dataset, uint8_images
+from augment import BatchAugment, SimCLRTransform, eval_batch, save_preview
+from data import DATASETS, DatasetError, TwoViewBatches, get_dataset, labels, uint8_images
 from loss import nt_xent
 from model import ARCHS, SimCLR, convert_global_bn
 
@@ -117,6 +118,13 @@ def get_args_parser():
                    help="also write last.pt every this many steps (default: %(default)s, only at epoch ends)")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: %(default)s)")
     g.add_argument("--preview", action="store_true", help="write OUTPUT_DIR/augmentations.png and exit")
+    g.add_argument("--probe", action="store_true",
+                   help="monitor with labels: an online linear probe on detached features (it never touches the "
+                        "encoder's gradients) and a kNN classifier every --knn-every epochs, into metrics.jsonl "
+                        "and curves.png; images without labels (STL-10's unlabeled) are skipped")
+    g.add_argument("--knn-every", type=int, default=1, help="epochs between kNN monitors with --probe (default: %(default)s)")
+    g.add_argument("--knn-samples", type=int, nargs=2, default=(10000, 5000), metavar=("TRAIN", "TEST"),
+                   help="labelled train and test images of the kNN monitor (default: %(default)s)")
     return p
 
 
@@ -221,26 +229,6 @@ def build_optimizer(model, args, lr):
 
 # ------------------------------------------------------------------------------------------------- data
 
-class TwoViews(torch.utils.data.Dataset):
-    """(view1, view2), label for each image. The augmentation of sample i in epoch e draws from a torch RNG
-    seeded by (seed, e, i): the stream is the same whatever the workers, the ranks or where a run resumed."""
-
-    def __init__(self, dataset, transform, seed):
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        img, label = self.dataset[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, i))
-            return self.transform(img), label
-
-
 def augment_kwargs(args):
     info = DATASETS[args.dataset]
     return dict(s=args.jitter_strength, crop_scale=args.crop_scale, crop_ratio=args.crop_ratio, flip_p=args.flip_p,
@@ -248,64 +236,16 @@ def augment_kwargs(args):
                 rotate_p=args.rotate_p, solarize_p=args.solarize_p, mean=info["mean"], std=info["std"])
 
 
-def mix_seed(*parts):
-    """One 63-bit seed from several integers (seed, rank, epoch, step, ...)."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2 ** 63 - 1)
-    return h
-
-
-class Views:
-    """The two-view batches of one rank: (2n, 3, S, S) on the device, view 1 of image i at row i and view 2 at
-    row n + i. Both pipelines walk the same ResumableSampler order and seed their augmentation from the run's
-    seed and position, so a resumed run sees the views an uninterrupted one would have seen."""
-
-    def __init__(self, base, args, rank, world, device):
-        self.per_rank, self.device, self.seed, self.rank = args.batch_size // world, device, args.seed, rank
-        self.sampler = ResumableSampler(base, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                        drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // self.per_rank
-        self.batched = args.pipeline == "batched"
-        if self.batched:
-            images, labels = uint8_images(base, args.image_size)
-            self.resident = ResidentImages(images, labels, device)
-            compile_aug = args.aug_compile if args.aug_compile is not None else device.type == "cpu" or args.compile
-            self.aug = BatchAugment(args.image_size, **augment_kwargs(args), compile=compile_aug).to(device)
-            self.gen = torch.Generator()  # parameters drawn on the CPU: the same views on any device, no syncs
-        else:
-            self.dataset = TwoViews(base, SimCLRTransform(args.image_size, **augment_kwargs(args)), args.seed)
-            self.loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
-                num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
-
-    def epoch(self, epoch, start=0):
-        """Yield (views, labels) for the steps start, start + 1, ... of `epoch`."""
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip = start * self.per_rank
-        if not self.batched:
-            self.dataset.set_epoch(epoch)
-            for (v1, v2), y in self.loader:
-                yield torch.cat([v1, v2]).to(self.device, non_blocking=True), y
-            return
-        order = torch.tensor(list(self.sampler))
-        order = order[:len(order) // self.per_rank * self.per_rank].view(-1, self.per_rank)  # (steps, n)
-        order = order.to(self.resident.images.device)  # once per epoch, not a host-to-device copy per step
-        for k, idx in enumerate(order, start):
-            x, y = self.resident.batch(idx)  # uint8 (n, C, H, W)
-            self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))
-            yield self.aug(torch.cat([x, x]), self.gen), y  # two independent draws per image
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (shuffle, drop_last, set_epoch) that can start an epoch after `skip` samples."""
-    skip = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self):
-        return self.num_samples - self.skip
+def build_views(base, args, rank, world, device):
+    """The rank's two-view batches, from the batched or the per-image pipeline (data.TwoViewBatches)."""
+    if args.pipeline == "batched":
+        compile_aug = args.aug_compile if args.aug_compile is not None else device.type == "cpu" or args.compile
+        aug = BatchAugment(args.image_size, **augment_kwargs(args), compile=compile_aug).to(device)
+        return TwoViewBatches(base, args.batch_size // world, rank, world, args.seed, device, batch_augment=aug,
+                              image_size=args.image_size)
+    return TwoViewBatches(base, args.batch_size // world, rank, world, args.seed, device,
+                          transform=SimCLRTransform(args.image_size, **augment_kwargs(args)), workers=args.workers,
+                          worker_init_fn=ignore_sigint)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -317,6 +257,14 @@ def save_checkpoint(path, state):
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    """Atomic, like save_checkpoint: a result already written is never left half-overwritten."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -371,7 +319,7 @@ def set_rng_states(s):
 # ------------------------------------------------------------------------------------------------- logging
 
 def plot_curves(metrics_path, out_path):
-    """curves.png: loss and learning rate against the step, from metrics.jsonl."""
+    """curves.png: loss, learning rate and the --probe monitors against the step, from metrics.jsonl."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -379,11 +327,18 @@ def plot_curves(metrics_path, out_path):
     logs = [r for r in rows if "loss" in r]
     if not logs:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot([r["step"] for r in logs], [r["loss"] for r in logs])
-    a.set(xlabel="step", ylabel="NT-Xent loss", title="loss")
-    b.plot([r["step"] for r in logs], [r["lr"] for r in logs])
-    b.set(xlabel="step", ylabel="learning rate", title="lr")
+    probe = [r for r in logs if r.get("probe_top1") is not None]
+    knn = [r for r in rows if "knn_top1" in r]
+    fig, axes = plt.subplots(1, 3 if probe or knn else 2, figsize=(15 if probe or knn else 10, 3.5))
+    axes[0].plot([r["step"] for r in logs], [r["loss"] for r in logs])
+    axes[0].set(xlabel="step", ylabel="NT-Xent loss", title="loss")
+    axes[1].plot([r["step"] for r in logs], [r["lr"] for r in logs])
+    axes[1].set(xlabel="step", ylabel="learning rate", title="lr")
+    if probe or knn:
+        axes[2].plot([r["step"] for r in probe], [r["probe_top1"] for r in probe], label="online linear probe (train)")
+        axes[2].plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], marker="o", label="kNN (test)")
+        axes[2].set(xlabel="step", ylabel="top-1 (%)", title="monitors")
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
@@ -465,19 +420,108 @@ def ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True):
+def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True, probe=None, labels=None):
     """One optimiser step on (2n, 3, S, S) views; returns the detached loss (no host sync)."""
     n = views.shape[0] // 2
     if channels_last:
         views = views.contiguous(memory_format=torch.channels_last)
     with torch.autocast(views.device.type, dtype=dtype, enabled=dtype is not None):
-        _, z = net(views)  # (2n, proj_dim)
+        h, z = net(views)  # (2n, feat_dim), (2n, proj_dim)
     loss = nt_xent(z[:n], z[n:], temperature)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)  # unscales first: LARS sees the true gradients
     scaler.update()
+    if probe is not None:
+        probe.step(h.detach(), torch.cat([labels, labels]))
     return loss.detach()
+
+
+class OnlineProbe:
+    """A linear classifier trained alongside pretraining on the detached features h of the labelled images of
+    each batch (label -1: skipped), with its own optimiser: it never touches the encoder's gradients."""
+
+    def __init__(self, feat_dim, classes, device):
+        self.head = nn.Linear(feat_dim, classes).to(device)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=1e-3, weight_decay=1e-4)
+        self.correct, self.seen = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def step(self, h, y):
+        keep = (y >= 0).float()  # weights, not a boolean index: no host sync
+        logits = self.head(h.float())  # (2n, classes)
+        loss = (F.cross_entropy(logits, y.clamp(min=0), reduction="none") * keep).sum() / keep.sum().clamp(min=1)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.correct += ((logits.argmax(1) == y).float() * keep).sum().detach()
+        self.seen += keep.sum()
+
+    def accuracy(self, world):
+        """Top-1 (%) on the training views since the last call, over all ranks; None without labels."""
+        counts = torch.stack([self.correct, self.seen])
+        if world > 1:
+            dist.all_reduce(counts)
+        self.correct.zero_(), self.seen.zero_()
+        correct, seen = counts.tolist()
+        return round(100 * correct / seen, 2) if seen else None
+
+    def state_dict(self):
+        return {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+
+
+@torch.no_grad()
+def extract_features(encoder, images, size, mean, std, device, batch_size=512, desc="features"):
+    """(N, d) float32 features of `encoder` (None: the normalised pixels) on uint8 images, no augmentation."""
+    feats = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        x = eval_batch(images[i:i + batch_size].to(device), size, mean, std)
+        if encoder is None:
+            feats.append(x[:, :images.shape[1]].flatten(1).cpu())  # (B, C S^2): the pixels, in their own channels
+        else:
+            feats.append(encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu())  # (B, d)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_predict(xtr, ytr, xte, classes, k=200, t=0.07, chunk=1024):
+    """Class scores of a weighted kNN (InstDisc): cosine similarity, the k nearest vote with exp(sim / t)."""
+    xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
+    k = min(k, len(xtr))
+    scores = []
+    for i in range(0, len(xte), chunk):
+        sim, idx = (xte[i:i + chunk] @ xtr.T).topk(k, dim=1)  # (b, k) of the (b, N_train) similarities
+        votes = torch.zeros(len(sim), classes, device=xte.device)
+        scores.append(votes.scatter_add_(1, ytr[idx], (sim / t).exp()))  # (b, classes)
+    return torch.cat(scores)
+
+
+def knn_monitor(encoder, data, args, device):
+    """kNN top-1 (%) of the encoder's features, in eval mode (its BN statistics untouched)."""
+    xtr, ytr, xte, yte = data
+    info = DATASETS[args.dataset]
+    encoder.eval()
+    ftr = extract_features(encoder, xtr, args.image_size, info["mean"], info["std"], device, desc="kNN features")
+    fte = extract_features(encoder, xte, args.image_size, info["mean"], info["std"], device, desc="kNN features")
+    encoder.train()
+    scores = knn_predict(ftr, ytr, fte, int(max(ytr.max(), yte.max())) + 1)
+    return round((scores.argmax(1) == yte).float().mean().item() * 100, 2)
+
+
+def knn_monitor_data(args):
+    """(train images, labels, test images, labels) for the kNN monitor, or None where the data has no labels."""
+    try:
+        train_set = get_dataset(args.dataset, args.data_dir, "train", download=False)
+        test_set = get_dataset(args.dataset, args.data_dir, "test", download=False)
+    except DatasetError as e:
+        print(f"note: no kNN monitor ({e})")
+        return None
+    (xtr, ytr), (xte, yte) = uint8_images(train_set, args.image_size), uint8_images(test_set, args.image_size)
+    pick = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(args.seed))[:args.knn_samples[0]]
+    return xtr[pick], ytr[pick], xte[:args.knn_samples[1]], yte[:args.knn_samples[1]]
 
 
 def build_model(args, world, device):
@@ -518,7 +562,7 @@ def train(args, rank, world, device):
         die(f"--batch-size {args.batch_size} is larger than the {len(base)} images of {args.dataset} "
             f"{args.split}: with drop_last nothing would train; use at most {len(base)}")
 
-    views = Views(base, args, rank, world, device)
+    views = build_views(base, args, rank, world, device)
     steps_per_epoch = views.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
@@ -530,6 +574,11 @@ def train(args, rank, world, device):
 
     model = build_model(args, world, device)
     optimizer = build_optimizer(model, args, peak_lr)
+    probe, knn = None, None
+    if args.probe:
+        classes = DATASETS[args.dataset]["num_classes"] or int(labels(base).max()) + 1
+        probe = OnlineProbe(model.feat_dim, max(classes, 1), device) if classes > 0 else None
+        knn = knn_monitor_data(args) if main_rank and args.knn_every > 0 else None
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -545,6 +594,8 @@ def train(args, rank, world, device):
                 f"({ckpt['args'].get('batch_size')}), or use another --output-dir")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        if probe is not None and "probe" in ckpt:
+            probe.load_state_dict(ckpt["probe"])
         set_rng_states(ckpt["rng"])
         step, train_seconds = ckpt["step"], ckpt.get("train_seconds", 0.0)
         if main_rank:
@@ -574,6 +625,7 @@ def train(args, rank, world, device):
                                         "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch,
                                         "step": step, "steps_per_epoch": steps_per_epoch,
                                         "args": vars(args), "rng": rng_states(),
+                                        **({"probe": probe.state_dict()} if probe is not None else {}),
                                         "train_seconds": train_seconds + time.time() - t_start})
 
     def global_losses(window):
@@ -604,22 +656,26 @@ def train(args, rank, world, device):
             bar = tqdm(itertools.islice(views.epoch(epoch, start), n_steps), total=n_steps, desc=f"epoch {epoch}",
                        disable=True if not main_rank else None, dynamic_ncols=True)  # None: off when not a tty
             window, epoch_losses, t_log, n_log = [], [], time.time(), 0
-            for x, _ in bar:
+            for x, y in bar:
                 lr = schedule(step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                window.append(train_step(net, x, optimizer, scaler, dtype, args.temperature, args.channels_last))
+                window.append(train_step(net, x, optimizer, scaler, dtype, args.temperature, args.channels_last,
+                                         probe, y))
                 step += 1
                 n_log += args.batch_size
                 if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
                     losses = check_finite(window).mean().item()
                     epoch_losses.append((losses, len(window)))
                     img_s = n_log / (time.time() - t_log)
+                    record = {"step": step, "epoch": epoch, "loss": losses, "lr": lr, "img_s": img_s,
+                              "time": train_seconds + time.time() - t_start}
+                    if probe is not None:
+                        record["probe_top1"] = probe.accuracy(world)
                     if main_rank:
                         bar.set_postfix(loss=f"{losses:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
                         with open(metrics_path, "a") as f:
-                            f.write(json.dumps({"step": step, "epoch": epoch, "loss": losses, "lr": lr,
-                                                "img_s": img_s, "time": train_seconds + time.time() - t_start}) + "\n")
+                            f.write(json.dumps(record) + "\n")
                     window, t_log, n_log = [], time.time(), 0
                 if args.save_every and step % args.save_every == 0:
                     if window:
@@ -640,6 +696,11 @@ def train(args, rank, world, device):
             if window:
                 check_finite(window)
             checkpoint()
+            if knn is not None and (epoch + 1) % args.knn_every == 0:
+                top1 = knn_monitor(model.encoder, knn, args, device)
+                print(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} train / {len(knn[3])} test images)")
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": top1}) + "\n")
             if main_rank:
                 plot_curves(metrics_path, os.path.join(out, "curves.png"))
                 mean = sum(loss * k for loss, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))

@@ -1,10 +1,10 @@
 """torch.distributed on the CPU (gloo, 2 processes): the gathered NT-Xent and global BN give the loss and the
 gradients of one process on the whole batch; torchrun runs train.py and its checkpoint resumes in 1 process."""
 import os
+import signal
 import subprocess
 import sys
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -80,9 +80,17 @@ def test_local_negatives_only_would_differ(tmp_path):
 
 
 def torchrun(*args, timeout=240):
+    """torchrun in its own process group, all of which is killed if it hangs (no orphaned ranks)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_torchrun_two_processes_then_resume_in_one(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 import eval_linear
 import train
-from conftest import ROOT, write_folder, write_idx
+from conftest import ROOT, write_idx
 
 TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.25", "--batch-size", "16", "--amp", "off",
         "--no-download", "--no-aug-compile", "--log-every", "5", "--seed", "3"]

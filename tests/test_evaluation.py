@@ -1,0 +1,117 @@
+"""The evaluation protocols (linear, kNN, fine-tuning, label fractions) and the online probe of train.py."""
+import json
+import os
+
+import pytest
+import torch
+
+import eval_linear
+import train
+from conftest import write_idx
+from model import SimCLR
+
+TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16", "--amp", "off",
+        "--no-download", "--no-aug-compile", "--log-every", "1"]
+
+
+def test_knn_on_separable_features_is_perfect():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 10
+    ytr, yte = torch.arange(200) % 4, torch.arange(40) % 4
+    xtr = centres[ytr] + torch.randn(200, 16, generator=g) * 0.1
+    xte = centres[yte] + torch.randn(40, 16, generator=g) * 0.1
+    scores = train.knn_predict(xtr, ytr, xte, 4, k=20)
+    assert (scores.argmax(1) == yte).all()
+
+
+@pytest.mark.parametrize("fraction,per_class", [(0.01, 1), (0.1, 6), (0.5, 30), (1.0, 60)])
+def test_label_fraction_subsets_are_class_balanced(fraction, per_class):
+    labels = torch.arange(600) % 10
+    idx = eval_linear.balanced_subset(labels, fraction, seed=0)
+    assert torch.bincount(labels[idx], minlength=10).tolist() == [per_class] * 10
+    assert len(idx.unique()) == len(idx)
+    assert torch.equal(idx, eval_linear.balanced_subset(labels, fraction, seed=0))  # fixed seed
+
+
+def test_logistic_regression_chooses_weight_decay_on_held_out_training_images():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    args = eval_linear.get_args_parser().parse_args([])
+    logits, wd = eval_linear.linear_probe(x, y, x[:50], 2, args)  # the test labels are not even an argument
+    assert wd in eval_linear.WEIGHT_DECAYS and (logits.argmax(1) == y[:50]).float().mean() > 0.95
+    args = eval_linear.get_args_parser().parse_args(["--weight-decay", "0.5"])
+    assert eval_linear.linear_probe(x, y, x[:50], 2, args)[1] == 0.5
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    data = str(write_idx(tmp_path / "fm", n_train=60, n_test=20))
+    out = tmp_path / "run"
+    train.main(train.get_args_parser().parse_args(TINY + ["--data-dir", data, "--output-dir", str(out),
+                                                          "--max-steps", "3", "--probe"]))
+    return data, out
+
+
+def test_online_probe_and_knn_monitor_are_logged(pretrained):
+    _, out = pretrained
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(0 <= r["probe_top1"] <= 100 for r in rows if "loss" in r)
+    assert any("knn_top1" in r for r in rows)
+    assert "probe" in torch.load(out / "last.pt", weights_only=True)
+
+
+def test_online_probe_leaves_the_encoder_gradients_unchanged():
+    torch.manual_seed(0)
+    views, labels = torch.randn(16, 3, 16, 16), torch.tensor([0, 1, -1, 3, 4, 5, 6, 7])
+    results = []
+    for use_probe in (False, True):
+        torch.manual_seed(1)
+        model = SimCLR("resnet18", proj_dim=16, cifar_stem=True, width=0.125)
+        args = train.get_args_parser().parse_args(["--lr", "0.3"])
+        opt = train.build_optimizer(model, args, 0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        probe = train.OnlineProbe(model.feat_dim, 10, torch.device("cpu")) if use_probe else None
+        train.train_step(model, views, opt, scaler, None, 0.5, True, probe, labels)
+        results.append(({k: p.grad.clone() for k, p in model.named_parameters()}, model.state_dict()))
+        if probe is not None:
+            assert probe.head.weight.grad is not None and probe.seen.item() == 14  # the -1 label skipped twice
+    (g0, s0), (g1, s1) = results
+    assert all(torch.equal(g0[k], g1[k]) for k in g0) and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_protocols_fractions_plots_and_json(pretrained, capsys, tmp_path):
+    data, out = pretrained
+    capsys.readouterr()
+    eval_linear.main(eval_linear.get_args_parser().parse_args(
+        ["--ckpt", str(out / "last.pt"), "--random-init", "--pixels", "--data-dir", data,
+         "--protocol", "linear", "knn", "finetune", "--label-fraction", "0.5", "1.0", "--finetune-epochs", "2",
+         "--weight-decay", "1e-4", "1e-2", "--amp", "off"]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert {"simclr_top1", "random_top1", "pixels_top1", "seconds", "top1", "top5", "ckpt", "dataset"} <= set(result)
+    rows = result["results"]
+    assert len([r for r in rows if r["protocol"] == "linear"]) == 3 * 2
+    assert len([r for r in rows if r["protocol"] == "knn"]) == 3 * 2
+    fine = [r for r in rows if r["protocol"] == "finetune"]
+    assert len(fine) == 2 * 2 and all(len(r["curve"]) == 2 for r in fine)  # pixels are not fine-tuned
+    assert {r["train_samples"] for r in rows} == {30, 60}
+    for name in ("ablation_fashion-mnist.png", "label_fractions_fashion-mnist.png", "eval_fashion-mnist.json"):
+        assert os.path.getsize(out / name) > 0
+    assert any("simclr" in line and "linear" in line for line in lines)  # the table
+
+
+def test_linear_evaluation_refuses_an_encoder_that_changed(pretrained, monkeypatch):
+    """The frozen-encoder check can fail: a feature extractor that runs BN in train mode is caught."""
+    data, out = pretrained
+    real = train.extract_features
+
+    def leaky(encoder, *a, **k):
+        if encoder is not None:
+            encoder.train()
+            with torch.no_grad():
+                encoder(torch.randn(4, 3, 28, 28))  # moves the BN running statistics
+        return real(encoder, *a, **k)
+    monkeypatch.setattr(eval_linear, "extract_features", leaky)
+    with pytest.raises(AssertionError, match="encoder changed"):
+        eval_linear.main(eval_linear.get_args_parser().parse_args(["--ckpt", str(out / "last.pt"), "--data-dir", data]))
