@@ -18,7 +18,7 @@ from model import ARCHS, SimCLR
 from train import (Parser, amp_dtype, die, extract_features, knn_predict, load_checkpoint, load_model_state,
                    save_json)
 
-WEIGHT_DECAYS = [10.0 ** e for e in range(-7, 0)]  # grid for the logistic regression, per sample
+WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
 
 
 def get_args_parser():
@@ -53,13 +53,15 @@ def get_args_parser():
                         "and cosine decay over --epochs (default: %(default)s)")
     g.add_argument("--weight-decay", nargs="+", type=float, default=WEIGHT_DECAYS,
                    help="linear: L2 penalties to choose from on 10%% of the training split held out; one value "
-                        "skips the choice (default: 1e-7 ... 1e-1)")
+                        "skips the choice (default: 1e-6 ... 1e-2)")
     g.add_argument("--epochs", type=int, default=100, help="linear with --solver sgd (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=256, help="linear sgd and finetune (default: %(default)s)")
     g.add_argument("--lr", type=float, default=0.1, help="linear sgd learning rate (default: %(default)s)")
     g.add_argument("--knn-k", type=int, default=200, help="(default: %(default)s)")
     g.add_argument("--knn-t", type=float, default=0.07, help="vote temperature (default: %(default)s)")
     g.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s)")
+    g.add_argument("--finetune-label-fraction", nargs="+", type=float, default=None,
+                   help="label fractions to fine-tune at (default: those of --label-fraction)")
     g.add_argument("--finetune-lr", type=float, default=0.05,
                    help="SGD base learning rate per 256 images, cosine decay (default: %(default)s)")
     g = p.add_argument_group("run")
@@ -69,6 +71,9 @@ def get_args_parser():
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--output-dir", default=None,
                    help="where results and plots go (default: beside the first checkpoint, else runs/eval)")
+    g.add_argument("--wall-start", type=float, default=None,
+                   help="Unix time the whole job began (make demo passes it): 'seconds' is then the wall time "
+                        "since, instead of pretraining + evaluation time")
     return p
 
 
@@ -162,13 +167,15 @@ def linear_probe(xtr, ytr, xte, classes, args):
         perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(args.seed))
         n_val = max(1, len(ytr) // 10)
         val, fit = perm[:n_val], perm[n_val:]
-        scores = []
+        scores, fits = [], []
         for wd in decays:  # strongest first, each fit warm-started from the previous one
             init = fit_logistic(xtr[fit], ytr[fit], classes, wd, init=init, **kw)
+            fits.append(init)
             with torch.no_grad():
                 scores.append((init(xtr[val]).argmax(1) == ytr[val]).float().mean().item())
-        best = decays[max(range(len(decays)), key=lambda i: (scores[i], -i))]
-    clf = fit_logistic(xtr, ytr, classes, best, **kw)
+        i = max(range(len(decays)), key=lambda i: (scores[i], -i))
+        best, init = decays[i], fits[i]
+    clf = fit_logistic(xtr, ytr, classes, best, init=init, **kw)  # all the training images, warm-started
     with torch.no_grad():
         return clf(xte), best
 
@@ -274,8 +281,9 @@ def main(args):
     device = torch.device(args.device)
     if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or args.finetune_epochs < 1:
         die("--epochs, --batch-size, --lr and --finetune-epochs must be positive")
-    if not all(0 < f <= 1 for f in args.label_fraction):
-        die(f"--label-fraction takes values in (0, 1], got {args.label_fraction}")
+    args.finetune_label_fraction = args.finetune_label_fraction or args.label_fraction
+    if not all(0 < f <= 1 for f in args.label_fraction + args.finetune_label_fraction):
+        die(f"label fractions take values in (0, 1], got {args.label_fraction + args.finetune_label_fraction}")
     encoders = load_encoders(args)
     first = encoders[0][2]
     dataset = args.dataset or first.get("dataset") or "stl10"
@@ -293,7 +301,7 @@ def main(args):
     train_images, ytr = train_images[:args.max_train_samples], ytr[:args.max_train_samples]
     test_images, yte = test_images[:args.max_test_samples], yte[:args.max_test_samples]
     classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
-    subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction}
+    subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction + args.finetune_label_fraction}
 
     results = []
     for name, model, _ in encoders:
@@ -306,30 +314,38 @@ def main(args):
                 for p in encoder.parameters():
                     p.requires_grad_(False)
                 before = {k: v.clone() for k, v in encoder.state_dict().items()}
+            t_feat = time.time()
             xtr = extract_features(encoder, train_images, size, mean, std, device, desc=f"{name} train features")
             xte = extract_features(encoder, test_images, size, mean, std, device, desc=f"{name} test features")
             if encoder is not None:  # the frozen encoder is bit-identical, BN statistics included (moco's check)
                 after = encoder.state_dict()
                 assert not encoder.training and all(torch.equal(before[k], after[k]) for k in before), "encoder changed"
             xtr, xte = xtr.to(device), xte.to(device)
-            for f, idx in subsets.items():
+            print(f"{name}: features of {len(xtr)} + {len(xte)} images in {time.time() - t_feat:.0f} s")
+            for f in args.label_fraction:
+                idx, t1 = subsets[f], time.time()
                 if "linear" in args.protocol:
                     logits, wd = linear_probe(xtr[idx], ytr[idx].to(device), xte, classes, args)  # no test labels
                     results.append(dict(encoder=name, protocol="linear", label_fraction=f, top1=topk(logits, yte, 1),
-                                        top5=topk(logits, yte, 5), weight_decay=wd, train_samples=len(idx)))
+                                        top5=topk(logits, yte, 5), weight_decay=wd, train_samples=len(idx),
+                                        seconds=round(time.time() - t1, 1)))
+                t1 = time.time()
                 if "knn" in args.protocol:
                     logits = knn_predict(xtr[idx], ytr[idx].to(device), xte, classes, args.knn_k, args.knn_t)
                     results.append(dict(encoder=name, protocol="knn", label_fraction=f, top1=topk(logits, yte, 1),
-                                        top5=topk(logits, yte, 5), train_samples=len(idx)))
+                                        top5=topk(logits, yte, 5), train_samples=len(idx),
+                                        seconds=round(time.time() - t1, 1)))
             if model is not None:
                 for p in model.encoder.parameters():
                     p.requires_grad_(True)
         if "finetune" in args.protocol and model is not None:
-            for f, idx in subsets.items():
+            for f in args.finetune_label_fraction:
+                idx, t1 = subsets[f], time.time()
                 curve, logits = finetune(model, train_images[idx], ytr[idx], test_images, yte, classes, size, mean,
                                          std, args, device, desc=f"finetune {name} {f:g}")
                 results.append(dict(encoder=name, protocol="finetune", label_fraction=f, top1=curve[-1],
-                                    top5=topk(logits, yte, 5), curve=curve, train_samples=len(idx)))
+                                    top5=topk(logits, yte, 5), curve=curve, train_samples=len(idx),
+                                    seconds=round(time.time() - t1, 1)))
 
     out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt[0])) if args.ckpt else os.path.join("runs", "eval"))
     os.makedirs(out, exist_ok=True)
@@ -346,11 +362,13 @@ def main(args):
         if r["protocol"] == args.protocol[0] and r["label_fraction"] == main_f:
             summary[f"{r['encoder']}_top1"] = r["top1"]
     summary.update(results=results, plots=plots, pretrain_seconds=round(pretrain_seconds, 1),
-                   eval_seconds=round(eval_seconds, 1), seconds=round(pretrain_seconds + eval_seconds, 1))
+                   eval_seconds=round(eval_seconds, 1), seconds=round(
+                       time.time() - args.wall_start if args.wall_start else pretrain_seconds + eval_seconds, 1))
     path = os.path.join(out, f"eval_{dataset}.json")
     save_json(path, summary)
-    print(f"{dataset}: pretraining {pretrain_seconds:.0f} s + evaluation {eval_seconds:.0f} s = "
-          f"{pretrain_seconds + eval_seconds:.0f} s; saved {path}" + "".join(f", {p}" for p in plots))
+    print(f"{dataset}: pretraining {pretrain_seconds:.0f} s + evaluation {eval_seconds:.0f} s"
+          + (f", {summary['seconds']:.0f} s of wall time in all" if args.wall_start else "")
+          + f"; saved {path}" + "".join(f", {p}" for p in plots))
     print(json.dumps(summary))
     return summary
 

@@ -540,15 +540,19 @@ def train(args, rank, world, device):
     random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if world > 1 and not main_rank:
+        dist.barrier()  # rank 0 reads the dataset first: it may be downloading it
     try:
         base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and main_rank)
     except DatasetError as e:
         die(str(e))
+    if world > 1 and main_rank:
+        dist.barrier()
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        test_file = os.path.join(out, f".write-test{os.getpid()}")
+        open(test_file, "w").close()
+        os.remove(test_file)
     except OSError as e:
         die(f"--output-dir {out} is not writable ({e.strerror}): pass a folder you can write to")
     transform = SimCLRTransform(args.image_size, **augment_kwargs(args))
