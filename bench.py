@@ -33,8 +33,9 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 30 on CUDA)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="per-image loader workers (default: %(default)s)")
     p.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="(default: %(default)s)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: %(default)s)")
     p.add_argument("--aug-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile BatchAugment's kernels (default: as train.py, on for the CPU)")
     p.add_argument("--out", default="bench.json", help="(default: %(default)s)")

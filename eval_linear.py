@@ -15,8 +15,8 @@ from tqdm import tqdm
 from augment import BatchAugment, eval_batch
 from data import DATASETS, DatasetError, get_dataset, uint8_images
 from model import ARCHS, SimCLR
-from train import (Parser, amp_dtype, die, extract_features, knn_predict, load_checkpoint, load_model_state,
-                   save_json)
+from train import (Parser, amp_dtype, check_device, die, extract_features, knn_predict, load_checkpoint,
+                   load_model_state, save_json)
 
 WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
 
@@ -32,15 +32,19 @@ def get_args_parser():
     g.add_argument("--width", type=float, default=1.0, help="random init without --ckpt (default: %(default)s)")
     g.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="random init without --ckpt (default: on for images of 64 px or less)")
-    g.add_argument("--stem-stride", type=int, default=1, choices=(1, 2), help="random init without --ckpt")
+    g.add_argument("--stem-stride", type=int, default=1, choices=(1, 2),
+                   help="random init without --ckpt (default: %(default)s)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, choices=list(DATASETS),
                    help="(default: the checkpoint's; STL-10 trains on its 5k labelled images, tests on its 8k)")
     g.add_argument("--data-dir", default=None, help="dataset root (default: the checkpoint's)")
     g.add_argument("--image-size", type=int, default=None, help="(default: the checkpoint's, else the dataset's)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--max-train-samples", type=int, default=None, help="the first N training images (quick checks)")
-    g.add_argument("--max-test-samples", type=int, default=None, help="the first N test images (quick checks)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="let torchvision download a missing dataset (default: %(default)s)")
+    g.add_argument("--max-train-samples", type=int, default=None,
+                   help="N training images drawn at random with --seed, for quick checks (default: all)")
+    g.add_argument("--max-test-samples", type=int, default=None,
+                   help="N test images drawn at random with --seed, for quick checks (default: all)")
     g = p.add_argument_group("protocols")
     g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn", "finetune"),
                    help="linear: logistic regression on frozen features; knn: k nearest neighbours (cosine, "
@@ -93,7 +97,7 @@ def load_encoders(args):
     if args.random_init:
         a = dict(first) if first else {}
         if not first:
-            size = args.image_size or DATASETS[args.dataset or "stl10"]["size"]
+            size = args.image_size or DATASETS[args.dataset]["size"]
             a = dict(arch=args.arch, width=args.width, stem_stride=args.stem_stride, proj_dim=128, image_size=size,
                      cifar_stem=size <= 64 if args.cifar_stem is None else args.cifar_stem)
         torch.manual_seed(args.seed)
@@ -107,6 +111,13 @@ def load_encoders(args):
 
 
 # ------------------------------------------------------------------------------------------------ protocols
+
+def random_subset(n, k, seed):
+    """Indices of k of n items drawn with the seed, in their order (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
 
 def balanced_subset(labels, fraction, seed):
     """Indices of a class-balanced subset: round(fraction * n_c) (at least 1) images of each class c."""
@@ -250,7 +261,9 @@ def plot_results(results, out, dataset):
         for ax, f in zip(axes[0], fractions):
             for r in (r for r in curves if r["label_fraction"] == f):
                 ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=f"{r['encoder']} init")
-            ax.set(xlabel="fine-tuning epoch", ylabel="test top-1 (%)", title=f"{dataset}, {f:g} of the labels")
+            ax.set(xlabel="fine-tuning epoch", ylabel="test top-1 (%)",
+                   title=f"{dataset}: fine-tuning on {f:.0%} of the labels")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
@@ -278,15 +291,29 @@ def plot_results(results, out, dataset):
 def main(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or args.finetune_epochs < 1:
-        die("--epochs, --batch-size, --lr and --finetune-epochs must be positive")
+    device = check_device(args.device)
+    for name in ("epochs", "batch_size", "lr", "finetune_epochs", "finetune_lr", "knn_k", "knn_t", "image_size",
+                 "max_train_samples", "max_test_samples"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            die(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if min(args.weight_decay) < 0:
+        die(f"--weight-decay takes L2 penalties of 0 or more, got {args.weight_decay}")
     args.finetune_label_fraction = args.finetune_label_fraction or args.label_fraction
     if not all(0 < f <= 1 for f in args.label_fraction + args.finetune_label_fraction):
         die(f"label fractions take values in (0, 1], got {args.label_fraction + args.finetune_label_fraction}")
+    if not args.ckpt and args.dataset is None:
+        die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
+    out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt[0])) if args.ckpt else os.path.join("runs", "eval"))
+    try:  # fail now, not after the evaluation
+        os.makedirs(out, exist_ok=True)
+        test_file = os.path.join(out, f".write-test{os.getpid()}")
+        open(test_file, "w").close()
+        os.remove(test_file)
+    except OSError as e:
+        die(f"results go to {out}, which is not writable ({e.strerror}): pass --output-dir DIR")
     encoders = load_encoders(args)
     first = encoders[0][2]
-    dataset = args.dataset or first.get("dataset") or "stl10"
+    dataset = args.dataset or first["dataset"]
     data_dir = args.data_dir or (first.get("data_dir") if dataset == first.get("dataset") else None)
     size = args.image_size or first.get("image_size") or DATASETS[dataset]["size"]
     info = DATASETS[dataset]
@@ -298,8 +325,9 @@ def main(args):
         die(str(e))
     train_images, ytr = uint8_images(train_set, size)
     test_images, yte = uint8_images(test_set, size)
-    train_images, ytr = train_images[:args.max_train_samples], ytr[:args.max_train_samples]
-    test_images, yte = test_images[:args.max_test_samples], yte[:args.max_test_samples]
+    pick_tr, pick_te = random_subset(len(ytr), args.max_train_samples, args.seed), random_subset(
+        len(yte), args.max_test_samples, args.seed)
+    train_images, ytr, test_images, yte = train_images[pick_tr], ytr[pick_tr], test_images[pick_te], yte[pick_te]
     classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
     subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction + args.finetune_label_fraction}
 
@@ -347,8 +375,6 @@ def main(args):
                                     top5=topk(logits, yte, 5), curve=curve, train_samples=len(idx),
                                     seconds=round(time.time() - t1, 1)))
 
-    out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt[0])) if args.ckpt else os.path.join("runs", "eval"))
-    os.makedirs(out, exist_ok=True)
     plots = plot_results(results, out, dataset)
     eval_seconds = time.time() - t0
     pretrain_seconds = first.get("train_seconds", 0.0)

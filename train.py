@@ -5,6 +5,7 @@ the NT-Xent loss, LARS with warmup and cosine decay, in one hand-written AMP loo
 import argparse
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -90,7 +91,8 @@ def get_args_parser():
                    help="global batch N over all ranks (default: %(default)s; the paper's best is 4096)")
     g.add_argument("--epochs", type=int, default=100, help="(default: %(default)s, the paper's ablations)")
     g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimiser steps; the schedule is fitted to the shorter run")
+                   help="stop after at most this many optimiser steps (the run also ends after --epochs); the "
+                        "schedule is fitted to the shorter run (default: %(default)s, the full --epochs)")
     g.add_argument("--temperature", type=float, default=0.5,
                    help="tau of NT-Xent (default: %(default)s, the paper's choice for batches of a few hundred)")
     g.add_argument("--optimizer", default="lars", choices=("lars", "sgd", "adam", "adamw"),
@@ -117,11 +119,12 @@ def get_args_parser():
     g.add_argument("--save-every", type=int, default=0,
                    help="also write last.pt every this many steps (default: %(default)s, only at epoch ends)")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: %(default)s)")
-    g.add_argument("--preview", action="store_true", help="write OUTPUT_DIR/augmentations.png and exit")
+    g.add_argument("--preview", action="store_true",
+                   help="write OUTPUT_DIR/augmentations.png and exit (default: %(default)s)")
     g.add_argument("--probe", action="store_true",
                    help="monitor with labels: an online linear probe on detached features (it never touches the "
                         "encoder's gradients) and a kNN classifier every --knn-every epochs, into metrics.jsonl "
-                        "and curves.png; images without labels (STL-10's unlabeled) are skipped")
+                        "and curves.png; images without labels (STL-10's unlabeled) are skipped (default: %(default)s)")
     g.add_argument("--knn-every", type=int, default=1, help="epochs between kNN monitors with --probe (default: %(default)s)")
     g.add_argument("--knn-samples", type=int, nargs=2, default=(10000, 5000), metavar=("TRAIN", "TEST"),
                    help="labelled train and test images of the kNN monitor (default: %(default)s)")
@@ -135,18 +138,46 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def die(msg):
-    """One actionable line on stderr (from rank 0 only under torchrun) and exit code 2, never a traceback."""
-    if os.environ.get("RANK", "0") == "0":
-        tqdm.write(f"error: {msg}", file=sys.stderr)  # on its own line, also below a progress bar
+def die(msg, every_rank=False):
+    """One actionable line on stderr and exit code 2, never a traceback. Under torchrun only rank 0 speaks,
+    unless the error may be one rank's alone (every_rank): then each rank that meets it says so."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or every_rank:
+        prefix = f"[rank {rank}] " if every_rank and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        tqdm.write(f"{prefix}error: {msg}", file=sys.stderr)  # on its own line, also below a progress bar
     sys.exit(2)
+
+
+def check_device(name):
+    """The torch.device of --device, or one line saying why it cannot be used."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name} is not a device: use cpu, cuda or cuda:K")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}, but torch finds no CUDA GPU here: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        die(f"--device {name}, but there are {n} GPUs: use cuda:0 ... cuda:{n - 1}")
+    return device
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file; a line torn by a kill while it was written is skipped."""
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 def resolve_args(args, world_size=1):
     """Fill the dataset-dependent defaults in place and reject bad values with one line."""
     info = DATASETS[args.dataset]
     args.split = args.split or info["pretrain_split"]
-    args.image_size = args.image_size or info["size"]
+    args.image_size = info["size"] if args.image_size is None else args.image_size
     if args.cifar_stem is None:
         args.cifar_stem = args.image_size <= 64
     if args.jitter_strength is None:
@@ -165,6 +196,23 @@ def resolve_args(args, world_size=1):
         die(f"--batch-size {args.batch_size} does not divide over {world_size} ranks: use a multiple of {world_size}")
     if args.max_steps is not None and args.max_steps < 1:
         die(f"--max-steps must be at least 1, got {args.max_steps}")
+    for name in ("jitter_p", "flip_p", "gray_p", "blur_p", "rotate_p", "solarize_p"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
+            die(f"--{name.replace('_', '-')} is a probability: use a value in [0, 1], got {getattr(args, name)}")
+    if not 0 <= args.jitter_strength <= 2.5:
+        die(f"--jitter-strength s must be in [0, 2.5] (hue jitter 0.2 s is at most 0.5), got {args.jitter_strength}")
+    ranges = {"crop_scale": (0, 1), "crop_ratio": (0, math.inf), "blur_sigma": (0, math.inf)}
+    for name, (low, high) in ranges.items():
+        a, b = getattr(args, name)
+        if not low < a <= b <= high:
+            die(f"--{name.replace('_', '-')} takes MIN MAX with {low} < MIN <= MAX" + (f" <= {high}" if high < math.inf
+                else "") + f", got {a} {b}")
+    for name, low in (("log_every", 1), ("save_every", 0), ("workers", 0), ("knn_every", 0), ("warmup_epochs", 0),
+                      ("weight_decay", 0)):
+        if not getattr(args, name) >= low:
+            die(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if min(args.knn_samples) < 1:
+        die(f"--knn-samples takes two positive counts, got {args.knn_samples}")
     return args
 
 
@@ -323,7 +371,7 @@ def plot_curves(metrics_path, out_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path)]
+    rows = read_jsonl(metrics_path)
     logs = [r for r in rows if "loss" in r]
     if not logs:
         return
@@ -357,9 +405,9 @@ def git_sha():
 def setup_distributed(args):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. -> (rank, world, device)"""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, torch.device(args.device)
+        return 0, 1, check_device(args.device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device(f"cuda:{local}") if args.device.startswith("cuda") else torch.device("cpu")
+    device = check_device(f"cuda:{local}") if args.device.startswith("cuda") else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
@@ -376,12 +424,19 @@ def amp_dtype(name, device):
 
 
 def main(args):
+    # torch.compile of the augmentation on a CPU-only machine warns that CUDA_HOME has no CUDA: noise, not news
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     rank, world, device = setup_distributed(args)
     try:
         train(args, rank, world, device)
     except torch.OutOfMemoryError:
         die(f"out of memory on {device} with --batch-size {args.batch_size} ({args.batch_size // world} per rank): "
-            "use a smaller --batch-size (the learning rate scales with it), or more GPUs")
+            "use a smaller --batch-size (the learning rate scales with it), or more GPUs", every_rank=True)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keeping the last checkpoint
+        out = args.output_dir or os.path.join("runs", args.dataset)
+        print(f"\ninterrupted; {os.path.join(out, 'last.pt')} holds the last checkpoint: rerun the same "
+              "command to resume", file=sys.stderr)
+        sys.exit(130)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -520,8 +575,10 @@ def knn_monitor_data(args):
         print(f"note: no kNN monitor ({e})")
         return None
     (xtr, ytr), (xte, yte) = uint8_images(train_set, args.image_size), uint8_images(test_set, args.image_size)
-    pick = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(args.seed))[:args.knn_samples[0]]
-    return xtr[pick], ytr[pick], xte[:args.knn_samples[1]], yte[:args.knn_samples[1]]
+    g = torch.Generator().manual_seed(args.seed)
+    pick_tr = torch.randperm(len(ytr), generator=g)[:args.knn_samples[0]]
+    pick_te = torch.randperm(len(yte), generator=g)[:args.knn_samples[1]]
+    return xtr[pick_tr], ytr[pick_tr], xte[pick_te], yte[pick_te]
 
 
 def build_model(args, world, device):
@@ -540,13 +597,14 @@ def train(args, rank, world, device):
     random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if world > 1 and not main_rank:
-        dist.barrier()  # rank 0 reads the dataset first: it may be downloading it
+    local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not local_main:
+        dist.barrier()  # the first rank of each machine reads the dataset first: it may be downloading it
     try:
-        base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and main_rank)
+        base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and local_main)
     except DatasetError as e:
-        die(str(e))
-    if world > 1 and main_rank:
+        die(str(e), every_rank=True)
+    if world > 1 and local_main:
         dist.barrier()
     try:
         os.makedirs(out, exist_ok=True)
@@ -592,6 +650,10 @@ def train(args, rank, world, device):
     if resume:
         ckpt = load_checkpoint(resume)
         load_model_state(model, ckpt, resume, vars(args))
+        for flag in ("optimizer", "amp"):
+            if ckpt["args"].get(flag, getattr(args, flag)) != getattr(args, flag):
+                die(f"{resume} was trained with --{flag} {ckpt['args'][flag]}, this run asks for --{flag} "
+                    f"{getattr(args, flag)}: resume with --{flag} {ckpt['args'][flag]}, or use another --output-dir")
         if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
             die(f"{resume} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
                 f"{steps_per_epoch}: resume with the same dataset and --batch-size "
@@ -603,14 +665,14 @@ def train(args, rank, world, device):
         set_rng_states(ckpt["rng"])
         step, train_seconds = ckpt["step"], ckpt.get("train_seconds", 0.0)
         if main_rank:
-            print(f"resumed from {resume} at step {step} (epoch {step // steps_per_epoch})")
+            print(f"resumed from {resume} at step {step} (epoch {step // steps_per_epoch})", flush=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if main_rank:
-        print(json.dumps({"args": vars(args), "git": git_sha(), "world_size": world}))
+        print(json.dumps({"args": vars(args), "git": git_sha(), "world_size": world}), flush=True)
         if os.path.exists(metrics_path):  # drop lines logged after the checkpoint we resume from
-            keep = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= step]
+            keep = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step]
             with open(metrics_path, "w") as f:
-                f.writelines(keep)
+                f.writelines(json.dumps(r) + "\n" for r in keep)
         if not resume:
             save_preview([base[i][0] for i in range(min(8, len(base)))], transform,
                          os.path.join(out, "augmentations.png"), seed=args.seed)
@@ -619,9 +681,11 @@ def train(args, rank, world, device):
             print(f"{resume} has already run {step} of {total_steps} steps: nothing to do")
         return
 
-    net = torch.compile(model) if args.compile else model
+    net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:  # after DDP, the order torch supports
+        net = torch.compile(net)
 
     def checkpoint():
         if main_rank:
@@ -702,13 +766,13 @@ def train(args, rank, world, device):
             checkpoint()
             if knn is not None and (epoch + 1) % args.knn_every == 0:
                 top1 = knn_monitor(model.encoder, knn, args, device)
-                print(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} train / {len(knn[3])} test images)")
+                print(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} train / {len(knn[3])} test images)", flush=True)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": top1}) + "\n")
             if main_rank:
                 plot_curves(metrics_path, os.path.join(out, "curves.png"))
                 mean = sum(loss * k for loss, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))
-                print(f"epoch {epoch} done: step {step}/{total_steps}, mean loss {mean:.4f}, saved {ckpt_path}")
+                print(f"epoch {epoch} done: step {step}/{total_steps}, mean loss {mean:.4f}, saved {ckpt_path}", flush=True)
     finally:
         stop.restore()
     if main_rank:

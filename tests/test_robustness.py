@@ -1,4 +1,5 @@
 """Never lose a run: exact resume after a kill or a signal, safe checkpoint loading, one-line errors."""
+import json
 import os
 import pickle
 import signal
@@ -99,6 +100,17 @@ def fm(tmp_path):
     ("lr", ["--lr", "-0.1"], "--lr must be positive"),
     ("epochs", ["--epochs", "0"], "--epochs must be positive"),
     ("not a number", ["--lr", "fast"], "invalid float value"),
+    ("log every 0", ["--log-every", "0"], "--log-every must be at least 1"),
+    ("save every negative", ["--save-every", "-1"], "--save-every must be at least 0"),
+    ("workers negative", ["--workers", "-1"], "--workers must be at least 0"),
+    ("image size 0", ["--image-size", "0"], "--image-size must be positive"),
+    ("probability", ["--flip-p", "1.5"], "--flip-p is a probability"),
+    ("blur probability", ["--blur-p", "-0.1"], "--blur-p is a probability"),
+    ("jitter strength", ["--jitter-strength", "3"], "--jitter-strength s must be in [0, 2.5]"),
+    ("crop scale order", ["--crop-scale", "0.5", "0.2"], "--crop-scale takes MIN MAX"),
+    ("blur sigma", ["--blur-sigma", "0", "1"], "--blur-sigma takes MIN MAX"),
+    ("not a device", ["--device", "gpu0"], "--device gpu0 is not a device"),
+    *([("no GPU", ["--device", "cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_train_flags(capsys, fm, case, argv, expect):
     err = one_line_exit_2(capsys, train_main(["--dataset", "fashion-mnist", "--data-dir", fm, *argv]))
@@ -156,13 +168,53 @@ def test_checkpoint_of_another_arch_names_both_and_is_kept(capsys, fm, tmp_path)
     assert (out / "last.pt").read_bytes() == before
 
 
-def test_resume_with_another_batch_size_is_refused(capsys, fm, tmp_path):
+@pytest.mark.parametrize("change,expect", [
+    ({"16": "8"}, "--batch-size"),
+    ({"off": "bf16"}, "--amp off"),
+    ({"--seed": ["--optimizer", "adam", "--seed"]}, "--optimizer lars"),
+])
+def test_resume_with_another_batch_size_optimizer_or_amp_is_refused(capsys, fm, tmp_path, change, expect):
     out = tmp_path / "run"
     train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1"])()
+    before = (out / "last.pt").read_bytes()
     capsys.readouterr()
-    argv = [a if a != "16" else "8" for a in TINY]
-    assert "--batch-size" in one_line_exit_2(
+    argv = []
+    for a in TINY:
+        new = change.get(a, a)
+        argv += new if isinstance(new, list) else [new]
+    assert expect in one_line_exit_2(
         capsys, train_main(argv + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "3"]))
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(fm, tmp_path):
+    out = tmp_path / "run"
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1", "--epochs", "2"])()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # killed while the line was written
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2", "--epochs", "2"])()
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line parses again
+    assert rows and rows[-1]["step"] == 2
+
+
+@pytest.mark.parametrize("case,argv,expect", [
+    ("no dataset", ["--random-init"], "pass --dataset"),
+    ("max train samples", ["--random-init", "--dataset", "fashion-mnist", "--max-train-samples", "0"],
+     "--max-train-samples must be positive"),
+    ("knn k", ["--pixels", "--dataset", "fashion-mnist", "--protocol", "knn", "--knn-k", "0"], "--knn-k must be positive"),
+    ("weight decay", ["--pixels", "--dataset", "fashion-mnist", "--weight-decay", "-1"], "--weight-decay"),
+    ("label fraction", ["--pixels", "--dataset", "fashion-mnist", "--label-fraction", "2"], "label fractions"),
+])
+def test_bad_eval_flags(capsys, fm, tmp_path, case, argv, expect):
+    err = one_line_exit_2(capsys, eval_main(argv + ["--data-dir", fm, "--output-dir", str(tmp_path / "e")]))
+    assert expect in err, err
+
+
+def test_eval_output_dir_not_writable_fails_before_the_work(capsys, fm, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    err = one_line_exit_2(capsys, eval_main(["--pixels", "--dataset", "fashion-mnist", "--data-dir", fm,
+                                             "--output-dir", str(tmp_path / "file" / "x")]))
+    assert "not writable" in err and "--output-dir" in err
 
 
 class Evil:
