@@ -2,6 +2,8 @@
 PYTHON ?= python3
 DEMO_DIR ?= runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
+# progress lines appear as they happen, also when the output goes to a file
+export PYTHONUNBUFFERED := 1
 
 .PHONY: setup data demo test bench bench-gpu
 

@@ -120,7 +120,7 @@ def sample_grid(gx, gy, rot=None):
     along_r = lambda v: v[:, :, None].expand(b, size, size)  # noqa: E731 varies along rows
     x, y = along_c(gx), along_r(gy)
     if rot is not None:
-        k = rot.view(b, 1, 1) % 4
+        k = rot.view(b, 1, 1) % 4  # (B, 1, 1) quarter turns
         x = torch.where(k == 0, x, torch.where(k == 1, along_r(gx.flip(1)), torch.where(k == 2, along_c(gx.flip(1)),
                                                                                           along_r(gx))))
         y = torch.where(k == 0, y, torch.where(k == 1, along_c(gy), torch.where(k == 2, along_r(gy.flip(1)),
@@ -205,7 +205,7 @@ def gaussian_blur(x, sigma, kernel_size):
     y = F.pad(x.reshape(1, b * c, h, w), (p, p, p, p), mode="reflect")  # (1, B*C, H+2p, W+2p)
     y = F.conv2d(y, kern.view(b * c, 1, 1, kernel_size), groups=b * c)  # (1, B*C, H+2p, W)
     y = F.conv2d(y, kern.view(b * c, 1, kernel_size, 1), groups=b * c)  # (1, B*C, H, W)
-    return y.view(b, c, h, w)
+    return y.view(b, c, h, w)  # (B, C, H, W)
 
 
 def finish(x, gray, solarize, mean, std):

@@ -134,7 +134,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
                 self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased
-        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)  # (C,) -> (1, C, 1, 1)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)

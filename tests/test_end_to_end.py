@@ -79,18 +79,20 @@ def test_lars_excludes_biases_and_bn_and_scales_by_trust_ratio():
     torch.testing.assert_close(b.detach(), torch.full((4,), 0.5))  # plain SGD for biases/BN
 
 
-def test_readme_snippets_load_a_checkpoint(tmp_path, no_md5):
-    """The two 'Use the encoder elsewhere' snippets of the README, run as written on a train.py checkpoint."""
+@pytest.mark.parametrize("stem_stride", ["1", "2"])
+def test_readme_snippets_load_a_checkpoint(tmp_path, no_md5, monkeypatch, stem_stride):
+    """The two 'Use the encoder elsewhere' snippets of the README, run as written on a train.py checkpoint: both
+    give the same features."""
     import re
     write_cifar(tmp_path / "data", n_train=20, n_test=10)
     out = tmp_path / "runs" / "stl10"
     run_train(TINY + ["--width", "1.0", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
-                      "--max-steps", "1", "--proj-dim", "16"])
+                      "--max-steps", "1", "--proj-dim", "16", "--stem-stride", stem_stride])
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     section = readme[readme.index("## Use the encoder elsewhere"):]
     first, second = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
     scope = {"images": torch.randn(2, 3, 32, 32)}
-    os.chdir(tmp_path)  # the snippet reads runs/stl10/last.pt
+    monkeypatch.chdir(tmp_path)  # the snippet reads runs/stl10/last.pt
     exec(first, scope)
     assert scope["features"].shape == (2, 512)
     exec(second, scope)
