@@ -16,7 +16,7 @@ from augment import BatchAugment, eval_batch
 from data import DATASETS, DatasetError, get_dataset, uint8_images
 from model import ARCHS, SimCLR
 from train import (Parser, amp_dtype, check_device, die, extract_features, knn_predict, load_checkpoint,
-                   load_model_state, save_json)
+                   load_model_state, make_writable_dir, save_json)
 
 WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
 
@@ -304,13 +304,7 @@ def main(args):
     if not args.ckpt and args.dataset is None:
         die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
     out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt[0])) if args.ckpt else os.path.join("runs", "eval"))
-    try:  # fail now, not after the evaluation
-        os.makedirs(out, exist_ok=True)
-        test_file = os.path.join(out, f".write-test{os.getpid()}")
-        open(test_file, "w").close()
-        os.remove(test_file)
-    except OSError as e:
-        die(f"results go to {out}, which is not writable ({e.strerror}): pass --output-dir DIR")
+    make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")  # now, not after the evaluation
     encoders = load_encoders(args)
     first = encoders[0][2]
     dataset = args.dataset or first["dataset"]

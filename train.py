@@ -162,6 +162,17 @@ def check_device(name):
     return device
 
 
+def make_writable_dir(path, what, fix):
+    """Create `path` and check that a file can be written in it, before any work; else one line naming `what`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        test_file = os.path.join(path, f".write-test{os.getpid()}")
+        open(test_file, "w").close()
+        os.remove(test_file)
+    except OSError as e:
+        die(f"{what} is not writable ({e.strerror}): {fix}")
+
+
 def read_jsonl(path):
     """The rows of a JSON-lines file; a line torn by a kill while it was written is skipped."""
     rows = []
@@ -606,13 +617,7 @@ def train(args, rank, world, device):
         die(str(e), every_rank=True)
     if world > 1 and local_main:
         dist.barrier()
-    try:
-        os.makedirs(out, exist_ok=True)
-        test_file = os.path.join(out, f".write-test{os.getpid()}")
-        open(test_file, "w").close()
-        os.remove(test_file)
-    except OSError as e:
-        die(f"--output-dir {out} is not writable ({e.strerror}): pass a folder you can write to")
+    make_writable_dir(out, f"--output-dir {out}", "pass a folder you can write to")
     transform = SimCLRTransform(args.image_size, **augment_kwargs(args))
     if args.preview:
         if main_rank:
