@@ -66,6 +66,30 @@ def test_killed_run_resumes_bit_identical(tmp_path, how, pipeline):
     same_checkpoints(tmp_path / "ref" / "last.pt", out / "last.pt")
 
 
+def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    """Two SIGINTs in a row: the run stops (exit 130, or 0 when the step and its save ended between the two), one
+    line instead of a traceback, and last.pt still loads."""
+    write_idx(tmp_path / "data", n_train=80, n_test=10)
+    out = tmp_path / "run"
+    cmd = run_cmd(TINY + ["--data-dir", str(tmp_path / "data"), "--epochs", "50", "--save-every", "1",
+                          "--output-dir", str(out)])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    if proc.returncode == 130:
+        assert "interrupted" in stderr and "rerun the same command" in stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] > 0
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 def one_line_exit_2(capsys, fn):
