@@ -303,9 +303,9 @@ def main(args):
         die(f"label fractions take values in (0, 1], got {args.label_fraction + args.finetune_label_fraction}")
     if not args.ckpt and args.dataset is None:
         die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
+    encoders = load_encoders(args)
     out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt[0])) if args.ckpt else os.path.join("runs", "eval"))
     make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")  # now, not after the evaluation
-    encoders = load_encoders(args)
     first = encoders[0][2]
     dataset = args.dataset or first["dataset"]
     data_dir = args.data_dir or (first.get("data_dir") if dataset == first.get("dataset") else None)
