@@ -319,8 +319,8 @@ def main(args):
         die(str(e))
     train_images, ytr = uint8_images(train_set, size)
     test_images, yte = uint8_images(test_set, size)
-    pick_tr, pick_te = random_subset(len(ytr), args.max_train_samples, args.seed), random_subset(
-        len(yte), args.max_test_samples, args.seed)
+    pick_tr = random_subset(len(ytr), args.max_train_samples, args.seed)
+    pick_te = random_subset(len(yte), args.max_test_samples, args.seed)
     train_images, ytr, test_images, yte = train_images[pick_tr], ytr[pick_tr], test_images[pick_te], yte[pick_te]
     classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
     subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction + args.finetune_label_fraction}
