@@ -19,6 +19,7 @@ from train import (Parser, amp_dtype, check_device, die, extract_features, knn_p
                    load_model_state, make_writable_dir, save_json)
 
 WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
+PATH_ITERS = 50  # L-BFGS iterations per weight decay while choosing it (warm-started path)
 
 
 def get_args_parser():
@@ -71,7 +72,7 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
-                   help="autocast for fine-tuning (default: %(default)s); features are extracted in float32")
+                   help="autocast dtype of feature extraction and fine-tuning (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--output-dir", default=None,
                    help="where results and plots go (default: beside the first checkpoint, else runs/eval)")
@@ -132,7 +133,8 @@ def balanced_subset(labels, fraction, seed):
     return torch.cat(picks).sort().values
 
 
-def fit_logistic(x, y, classes, weight_decay, solver="lbfgs", epochs=100, lr=0.1, batch_size=256, seed=0, init=None):
+def fit_logistic(x, y, classes, weight_decay, solver="lbfgs", epochs=100, lr=0.1, batch_size=256, seed=0, init=None,
+                 max_iter=200):
     """Multinomial logistic regression: mean cross-entropy + weight_decay / 2 * ||W||^2. -> nn.Linear"""
     clf = torch.nn.Linear(x.shape[1], classes).to(x.device)
     if init is not None:
@@ -140,7 +142,7 @@ def fit_logistic(x, y, classes, weight_decay, solver="lbfgs", epochs=100, lr=0.1
     else:
         torch.nn.init.zeros_(clf.weight), torch.nn.init.zeros_(clf.bias)
     if solver == "lbfgs":
-        opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=200, history_size=20, tolerance_grad=1e-6,
+        opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
                                 tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
         def closure():
@@ -168,7 +170,10 @@ def fit_logistic(x, y, classes, weight_decay, solver="lbfgs", epochs=100, lr=0.1
 
 def linear_probe(xtr, ytr, xte, classes, args):
     """Standardise with the training statistics, choose the weight decay on 10% of the training images held
-    out, refit on all of them, score the test set. -> (logits of the test set, chosen weight decay)"""
+    out, refit on all of them, score the test set. -> (logits of the test set, chosen weight decay)
+    The choice walks the regularisation path from the strongest decay down, each fit warm-started from the
+    previous one (as glmnet does), so PATH_ITERS L-BFGS iterations per decay are enough to rank them; the refit
+    runs the full 200."""
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     kw = dict(solver=args.solver, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
@@ -180,7 +185,7 @@ def linear_probe(xtr, ytr, xte, classes, args):
         val, fit = perm[:n_val], perm[n_val:]
         scores, fits = [], []
         for wd in decays:  # strongest first, each fit warm-started from the previous one
-            init = fit_logistic(xtr[fit], ytr[fit], classes, wd, init=init, **kw)
+            init = fit_logistic(xtr[fit], ytr[fit], classes, wd, init=init, max_iter=PATH_ITERS, **kw)
             fits.append(init)
             with torch.no_grad():
                 scores.append((init(xtr[val]).argmax(1) == ytr[val]).float().mean().item())
@@ -337,8 +342,11 @@ def main(args):
                     p.requires_grad_(False)
                 before = {k: v.clone() for k, v in encoder.state_dict().items()}
             t_feat = time.time()
-            xtr = extract_features(encoder, train_images, size, mean, std, device, desc=f"{name} train features")
-            xte = extract_features(encoder, test_images, size, mean, std, device, desc=f"{name} test features")
+            dtype = amp_dtype(args.amp, device)
+            xtr = extract_features(encoder, train_images, size, mean, std, device, desc=f"{name} train features",
+                                   dtype=dtype)
+            xte = extract_features(encoder, test_images, size, mean, std, device, desc=f"{name} test features",
+                                   dtype=dtype)
             if encoder is not None:  # the frozen encoder is bit-identical, BN statistics included (moco's check)
                 after = encoder.state_dict()
                 assert not encoder.training and all(torch.equal(before[k], after[k]) for k in before), "encoder changed"

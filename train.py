@@ -540,15 +540,17 @@ class OnlineProbe:
 
 
 @torch.no_grad()
-def extract_features(encoder, images, size, mean, std, device, batch_size=512, desc="features"):
-    """(N, d) float32 features of `encoder` (None: the normalised pixels) on uint8 images, no augmentation."""
+def extract_features(encoder, images, size, mean, std, device, batch_size=512, desc="features", dtype=None):
+    """(N, d) float32 features of `encoder` (None: the normalised pixels) on uint8 images, no augmentation;
+    dtype: autocast dtype of the forward pass (None: float32)."""
     feats = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, dynamic_ncols=True, disable=None):
         x = eval_batch(images[i:i + batch_size].to(device), size, mean, std)
         if encoder is None:
             feats.append(x[:, :images.shape[1]].flatten(1).cpu())  # (B, C S^2): the pixels, in their own channels
         else:
-            feats.append(encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu())  # (B, d)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                feats.append(encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu())  # (B, d)
     return torch.cat(feats)
 
 
@@ -565,13 +567,14 @@ def knn_predict(xtr, ytr, xte, classes, k=200, t=0.07, chunk=1024):
     return torch.cat(scores)
 
 
-def knn_monitor(encoder, data, args, device):
+def knn_monitor(encoder, data, args, device, dtype=None):
     """kNN top-1 (%) of the encoder's features, in eval mode (its BN statistics untouched)."""
     xtr, ytr, xte, yte = data
     info = DATASETS[args.dataset]
     encoder.eval()
-    ftr = extract_features(encoder, xtr, args.image_size, info["mean"], info["std"], device, desc="kNN features")
-    fte = extract_features(encoder, xte, args.image_size, info["mean"], info["std"], device, desc="kNN features")
+    kw = dict(desc="kNN features", dtype=dtype)
+    ftr = extract_features(encoder, xtr, args.image_size, info["mean"], info["std"], device, **kw)
+    fte = extract_features(encoder, xte, args.image_size, info["mean"], info["std"], device, **kw)
     encoder.train()
     scores = knn_predict(ftr, ytr, fte, int(max(ytr.max(), yte.max())) + 1)
     return round((scores.argmax(1) == yte).float().mean().item() * 100, 2)
@@ -770,7 +773,7 @@ def train(args, rank, world, device):
                 check_finite(window)
             checkpoint()
             if knn is not None and (epoch + 1) % args.knn_every == 0:
-                top1 = knn_monitor(model.encoder, knn, args, device)
+                top1 = knn_monitor(model.encoder, knn, args, device, dtype)
                 print(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} train / {len(knn[3])} test images)", flush=True)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": top1}) + "\n")

@@ -44,6 +44,38 @@ def test_logistic_regression_chooses_weight_decay_on_held_out_training_images():
     assert eval_linear.linear_probe(x, y, x[:50], 2, args)[1] == 0.5
 
 
+def test_warm_started_path_chooses_the_weight_decay_of_converged_fits():
+    """The 50-iteration warm-started path ranks the decays as independent fits run to convergence do, on a
+    problem where the choice matters (few noisy samples, many useless features)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 150, generator=g)
+    y = ((x[:, 0] + x[:, 1] + torch.randn(200, generator=g)) > 0).long()
+    args = eval_linear.get_args_parser().parse_args([])
+    chosen = eval_linear.linear_probe(x, y, x[:10], 2, args)[1]
+    xs = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(args.seed))
+    val, fit = perm[:20], perm[20:]
+    decays = sorted(eval_linear.WEIGHT_DECAYS, reverse=True)
+    scores = []
+    for wd in decays:
+        clf = eval_linear.fit_logistic(xs[fit], y[fit], 2, wd, max_iter=2000)
+        scores.append((clf(xs[val]).argmax(1) == y[val]).float().mean().item())
+    assert len(set(scores)) > 1  # the decay matters here (2 iterations per decay choose another one)
+    assert chosen == decays[max(range(len(decays)), key=lambda i: (scores[i], -i))]
+
+
+def test_features_follow_the_autocast_dtype():
+    torch.manual_seed(0)
+    encoder = SimCLR("resnet18", cifar_stem=True, width=0.25).encoder.eval()
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    mean, std = torch.tensor([0.5] * 3), torch.tensor([0.25] * 3)
+    with torch.no_grad():
+        f32 = train.extract_features(encoder, images, 28, mean, std, torch.device("cpu"))
+        bf16 = train.extract_features(encoder, images, 28, mean, std, torch.device("cpu"), dtype=torch.bfloat16)
+    assert f32.dtype == bf16.dtype == torch.float32 and not torch.equal(f32, bf16)
+    assert torch.nn.functional.cosine_similarity(f32, bf16).min() > 0.99
+
+
 @pytest.fixture
 def pretrained(tmp_path):
     data = str(write_idx(tmp_path / "fm", n_train=60, n_test=20))
