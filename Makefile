@@ -18,10 +18,10 @@ data:
 	  || echo "note: could not apt-get dataset-fashion-mnist; torchvision will try to download Fashion-MNIST to ./data"
 
 # The CPU demo: ResNet-50 at width 0.25 (512-d features, about the time per image of ResNet-18 at width 0.5) with
-# a stride-2 3x3 stem, 3.5 epochs (819 steps) at batch 256, crops of 25-100% of the image, the paper's colour strength 1.0, tau 0.2
-# and a LARS rate of 9.6 (a 3-epoch run wants a high one): the best of the short runs in BENCHMARKS.md; then the
-# linear probes of SimCLR, random init and raw pixels, and the ablation: fine-tuning both networks on 10% of the
-# labels. About 8-9 minutes on 2 CPU cores.
+# a stride-2 3x3 stem, 3.5 epochs (819 steps) at batch 256, crops of 25-100% of the image, the paper's colour
+# strength 1.0, tau 0.2 and a LARS rate of 9.6 (a short run wants a high one): the best of the short runs in
+# BENCHMARKS.md; then the linear probes of SimCLR, random init and raw pixels, and the ablation: fine-tuning both
+# networks on 10% of the labels. About 8-9 minutes on 2 CPU cores.
 DEMO_TRAIN ?= --arch resnet50 --width 0.25 --stem-stride 2 --batch-size 256 --epochs 4 --max-steps 819 \
   --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.2 --lr 9.6 --seed $(SEED)
 DEMO_EVAL ?= --random-init --pixels --protocol linear finetune --finetune-label-fraction 0.1 --finetune-epochs 4 \
