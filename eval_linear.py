@@ -330,7 +330,7 @@ def main(args):
     classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
     subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction + args.finetune_label_fraction}
 
-    results = []
+    results, dtype = [], amp_dtype(args.amp, device)
     for name, model, _ in encoders:
         if model is not None:
             model = model.to(device, memory_format=torch.channels_last)
@@ -342,7 +342,6 @@ def main(args):
                     p.requires_grad_(False)
                 before = {k: v.clone() for k, v in encoder.state_dict().items()}
             t_feat = time.time()
-            dtype = amp_dtype(args.amp, device)
             xtr = extract_features(encoder, train_images, size, mean, std, device, desc=f"{name} train features",
                                    dtype=dtype)
             xte = extract_features(encoder, test_images, size, mean, std, device, desc=f"{name} test features",
