@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from augment import BatchAugment, SimCLRTransform
 from data import DATASETS, ResidentImages, TwoViews
 from loss import nt_xent
-from train import amp_dtype, build_model, build_optimizer, train_step
+from harness import Parser, amp_dtype, check_device
+from train import build_model, build_optimizer, get_args_parser as train_args, resolve_args, train_step
 
 
 def get_args_parser():
@@ -31,6 +32,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 64 on CPU, 512 on CUDA)")
     p.add_argument("--aug-batch", type=int, default=256, help="images per augmentation call (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 30 on CUDA)")
+    p.add_argument("--reps", type=int, default=5, help="timed calls of each smaller part (default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="per-image loader workers (default: %(default)s)")
     p.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="(default: %(default)s)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -71,14 +73,14 @@ class PILImages(torch.utils.data.Dataset):
         return Image.fromarray(self.images[i]), 0
 
 
-def bench_augmentation(images, size, device, workers, aug_batch, compile_aug):
+def bench_augmentation(images, size, device, workers, aug_batch, compile_aug, reps):
     info = DATASETS["stl10"]
     x = images[:aug_batch].to(device)
     gen = torch.Generator().manual_seed(0)
     rates = {}
     for comp in sorted({False, compile_aug}):
         aug = BatchAugment(size, mean=info["mean"], std=info["std"], compile=comp).to(device)
-        rates[comp] = aug_batch / timed(lambda: aug(torch.cat([x, x]), gen), 7, device, warmup=2)
+        rates[comp] = aug_batch / timed(lambda: aug(torch.cat([x, x]), gen), reps, device, warmup=2)
 
     ds = TwoViews(PILImages(images), SimCLRTransform(size, mean=info["mean"], std=info["std"]), seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=aug_batch, shuffle=True, num_workers=workers,
@@ -93,19 +95,19 @@ def bench_augmentation(images, size, device, workers, aug_batch, compile_aug):
     return rates[compile_aug], rates[False], per_image
 
 
-def bench_loss(device):
+def bench_loss(device, reps):
     out = {}
     for two_n in (512, 4096):
         z = torch.randn(two_n, 128, device=device, requires_grad=True)
 
         def step():
             nt_xent(z[:two_n // 2], z[two_n // 2:], 0.5).backward()
-        out[two_n] = timed(step, 10, device) * 1e3
+        out[two_n] = timed(step, reps, device) * 1e3
     return out
 
 
 def main(args):
-    device = torch.device(args.device)
+    device = check_device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (512 if cuda else 64)
     steps = args.steps or (30 if cuda else 3)
@@ -124,14 +126,14 @@ def main(args):
     compile_aug = args.aug_compile if args.aug_compile is not None else not cuda or args.compile
     res["aug_compile"] = compile_aug
     res["aug_batched_img_s"], res["aug_batched_eager_img_s"], res["aug_per_image_img_s"] = bench_augmentation(
-        images, args.image_size, device, args.workers, args.aug_batch, compile_aug)
-    loss_ms = bench_loss(device)
+        images, args.image_size, device, args.workers, args.aug_batch, compile_aug, args.reps)
+    loss_ms = bench_loss(device, args.reps)
     res["loss_ms"] = {"2N=512": loss_ms[512], "2N=4096": loss_ms[4096]}
 
     # model only: forward + backward + optimiser on views that are ready on the device
-    targs = argparse.Namespace(arch=args.arch, proj_dim=128, cifar_stem=args.image_size <= 64, width=args.width,
-                               channels_last=args.channels_last, optimizer="lars", momentum=0.9, weight_decay=1e-6,
-                               device=args.device)
+    targs = resolve_args(train_args().parse_args(["--arch", args.arch, "--width", str(args.width), "--device", args.device,
+                                                  "--image-size", str(args.image_size)]))  # train.py's defaults
+    targs.channels_last = args.channels_last
     model = build_model(targs, 1, device)
     net = torch.compile(model) if args.compile else model
     opt = build_optimizer(model, targs, 0.1)
@@ -159,8 +161,8 @@ def main(args):
     step_s = timed(full, steps, device, 2)
     res["step_img_s"] = batch / step_s
     x = data()
-    res["breakdown_ms"] = {"data": timed(data, 5, device) * 1e3,
-                           "augment": timed(lambda: aug(torch.cat([x, x]), gen), 5, device) * 1e3,
+    res["breakdown_ms"] = {"data": timed(data, args.reps, device) * 1e3,
+                           "augment": timed(lambda: aug(torch.cat([x, x]), gen), args.reps, device) * 1e3,
                            "model": model_s * 1e3, "full_step": step_s * 1e3}
     with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one view
         one = model(torch.randn(2, 3, args.image_size, args.image_size, device=device))[1]
@@ -194,4 +196,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    main(Parser(parents=[get_args_parser()]).parse_args())

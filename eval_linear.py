@@ -9,15 +9,19 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import BatchAugment, eval_batch
-from data import DATASETS, DatasetError, get_dataset, uint8_images
+from data import DATASETS, DatasetError, get_dataset, labels, uint8_images
+from harness import (Parser, amp_dtype, at_least, check_device, checked, die, load_checkpoint, load_model_state,
+                     make_writable_dir, positive_float, positive_int, save_json)
 from model import ARCHS, SimCLR
-from train import (Parser, amp_dtype, check_device, die, extract_features, knn_predict, load_checkpoint,
-                   load_model_state, make_writable_dir, save_json)
 
+MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim")  # what a checkpoint's weights depend on
+label_fraction = checked(float, lambda f: 0 < f <= 1, "takes label fractions in (0, 1]")
 WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
 PATH_ITERS = 50  # L-BFGS iterations per weight decay while choosing it (warm-started path)
 
@@ -30,7 +34,7 @@ def get_args_parser():
                    help="also evaluate the same network with random weights, the baseline")
     g.add_argument("--pixels", action="store_true", help="also evaluate the raw pixels as features")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="random init without --ckpt (default: %(default)s)")
-    g.add_argument("--width", type=float, default=1.0, help="random init without --ckpt (default: %(default)s)")
+    g.add_argument("--width", type=positive_float, default=1.0, help="random init without --ckpt (default: %(default)s)")
     g.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="random init without --ckpt (default: on for images of 64 px or less)")
     g.add_argument("--stem-stride", type=int, default=1, choices=(1, 2),
@@ -39,35 +43,35 @@ def get_args_parser():
     g.add_argument("--dataset", default=None, choices=list(DATASETS),
                    help="(default: the checkpoint's; STL-10 trains on its 5k labelled images, tests on its 8k)")
     g.add_argument("--data-dir", default=None, help="dataset root (default: the checkpoint's)")
-    g.add_argument("--image-size", type=int, default=None, help="(default: the checkpoint's, else the dataset's)")
+    g.add_argument("--image-size", type=positive_int, default=None, help="(default: the checkpoint's, else the dataset's)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="let torchvision download a missing dataset (default: %(default)s)")
-    g.add_argument("--max-train-samples", type=int, default=None,
+    g.add_argument("--max-train-samples", type=positive_int, default=None,
                    help="N training images drawn at random with --seed, for quick checks (default: all)")
-    g.add_argument("--max-test-samples", type=int, default=None,
+    g.add_argument("--max-test-samples", type=positive_int, default=None,
                    help="N test images drawn at random with --seed, for quick checks (default: all)")
     g = p.add_argument_group("protocols")
     g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn", "finetune"),
                    help="linear: logistic regression on frozen features; knn: k nearest neighbours (cosine, "
                         "temperature-weighted votes); finetune: the whole network with labels, test accuracy "
                         "after every epoch (default: %(default)s)")
-    g.add_argument("--label-fraction", nargs="+", type=float, default=[1.0],
+    g.add_argument("--label-fraction", nargs="+", type=label_fraction, default=[1.0],
                    help="class-balanced fractions of the training labels, e.g. 0.01 0.1 1.0 (default: %(default)s)")
     g.add_argument("--solver", default="lbfgs", choices=("lbfgs", "sgd"),
                    help="linear: full-batch L-BFGS (the paper's protocol for linear transfer) or SGD with momentum "
                         "and cosine decay over --epochs (default: %(default)s)")
-    g.add_argument("--weight-decay", nargs="+", type=float, default=WEIGHT_DECAYS,
+    g.add_argument("--weight-decay", nargs="+", type=at_least(0, float), default=WEIGHT_DECAYS,
                    help="linear: L2 penalties to choose from on 10%% of the training split held out; one value "
                         "skips the choice (default: 1e-6 ... 1e-2)")
-    g.add_argument("--epochs", type=int, default=100, help="linear with --solver sgd (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=256, help="linear sgd and finetune (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=0.1, help="linear sgd learning rate (default: %(default)s)")
-    g.add_argument("--knn-k", type=int, default=200, help="(default: %(default)s)")
-    g.add_argument("--knn-t", type=float, default=0.07, help="vote temperature (default: %(default)s)")
-    g.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s)")
-    g.add_argument("--finetune-label-fraction", nargs="+", type=float, default=None,
+    g.add_argument("--epochs", type=positive_int, default=100, help="linear with --solver sgd (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="linear sgd and finetune (default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=0.1, help="linear sgd learning rate (default: %(default)s)")
+    g.add_argument("--knn-k", type=positive_int, default=200, help="(default: %(default)s)")
+    g.add_argument("--knn-t", type=positive_float, default=0.07, help="vote temperature (default: %(default)s)")
+    g.add_argument("--finetune-epochs", type=positive_int, default=10, help="(default: %(default)s)")
+    g.add_argument("--finetune-label-fraction", nargs="+", type=label_fraction, default=None,
                    help="label fractions to fine-tune at (default: those of --label-fraction)")
-    g.add_argument("--finetune-lr", type=float, default=0.05,
+    g.add_argument("--finetune-lr", type=positive_float, default=0.05,
                    help="SGD base learning rate per 256 images, cosine decay (default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
@@ -91,7 +95,7 @@ def load_encoders(args):
         ckpt = load_checkpoint(path)
         a = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
         model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1))
-        load_model_state(model, ckpt, path)
+        load_model_state(model, ckpt, path, MODEL_ARGS)
         name = "simclr" if len(args.ckpt) == 1 else os.path.basename(os.path.dirname(os.path.abspath(path))) or str(i)
         encoders.append((name, model, a))
     first = encoders[0][2] if encoders else {}
@@ -112,6 +116,109 @@ def load_encoders(args):
 
 
 # ------------------------------------------------------------------------------------------------ protocols
+
+@torch.no_grad()
+def extract_features(encoder, images, size, mean, std, device, batch_size=512, desc="features", dtype=None):
+    """(N, d) float32 features of `encoder` (None: the normalised pixels) on uint8 images, no augmentation;
+    dtype: autocast dtype of the forward pass (None: float32)."""
+    feats = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        x = eval_batch(images[i:i + batch_size].to(device), size, mean, std)
+        if encoder is None:
+            feats.append(x[:, :images.shape[1]].flatten(1).cpu())  # (B, C S^2): the pixels, in their own channels
+        else:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                feats.append(encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu())  # (B, d)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_predict(xtr, ytr, xte, classes, k=200, t=0.07, chunk=1024):
+    """Class scores of a weighted kNN (InstDisc): cosine similarity, the k nearest vote with exp(sim / t)."""
+    xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
+    k = min(k, len(xtr))
+    scores = []
+    for i in range(0, len(xte), chunk):
+        sim, idx = (xte[i:i + chunk] @ xtr.T).topk(k, dim=1)  # (b, k) of the (b, N_train) similarities
+        votes = torch.zeros(len(sim), classes, device=xte.device)
+        scores.append(votes.scatter_add_(1, ytr[idx], (sim / t).exp()))  # (b, classes)
+    return torch.cat(scores)
+
+
+def knn_monitor(encoder, data, args, device, dtype=None):
+    """train.py --probe: kNN top-1 (%) of the encoder's features, in eval mode (its BN statistics untouched)."""
+    xtr, ytr, xte, yte = data
+    info = DATASETS[args.dataset]
+    encoder.eval()
+    kw = dict(desc="kNN features", dtype=dtype)
+    ftr = extract_features(encoder, xtr, args.image_size, info["mean"], info["std"], device, **kw)
+    fte = extract_features(encoder, xte, args.image_size, info["mean"], info["std"], device, **kw)
+    encoder.train()
+    scores = knn_predict(ftr, ytr, fte, int(max(ytr.max(), yte.max())) + 1)
+    return round((scores.argmax(1) == yte).float().mean().item() * 100, 2)
+
+
+def knn_monitor_data(args):
+    """train.py --probe: (train images, labels, test images, labels) of --knn-samples random images, or None
+    where the data has no labels."""
+    try:
+        train_set = get_dataset(args.dataset, args.data_dir, "train", download=False)
+        test_set = get_dataset(args.dataset, args.data_dir, "test", download=False)
+    except DatasetError as e:
+        print(f"note: no kNN monitor ({e})")
+        return None
+    (xtr, ytr), (xte, yte) = uint8_images(train_set, args.image_size), uint8_images(test_set, args.image_size)
+    g = torch.Generator().manual_seed(args.seed)
+    pick_tr = torch.randperm(len(ytr), generator=g)[:args.knn_samples[0]]
+    pick_te = torch.randperm(len(yte), generator=g)[:args.knn_samples[1]]
+    return xtr[pick_tr], ytr[pick_tr], xte[pick_te], yte[pick_te]
+
+
+def build_monitors(args, base, model, rank, device):
+    """train.py --probe: (online probe, kNN monitor data), else (None, None)."""
+    if not args.probe:
+        return None, None
+    classes = DATASETS[args.dataset]["num_classes"] or int(labels(base).max()) + 1
+    probe = OnlineProbe(model.feat_dim, classes, device) if classes > 0 else None
+    knn = knn_monitor_data(args) if rank == 0 and args.knn_every > 0 else None
+    return probe, knn
+
+
+class OnlineProbe:
+    """A linear classifier trained alongside pretraining on the detached features h of the labelled images of
+    each batch (label -1: skipped), with its own optimiser: it never touches the encoder's gradients."""
+
+    def __init__(self, feat_dim, classes, device):
+        self.head = nn.Linear(feat_dim, classes).to(device)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=1e-3, weight_decay=1e-4)
+        self.correct, self.seen = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def step(self, h, y):
+        keep = (y >= 0).float()  # weights, not a boolean index: no host sync
+        logits = self.head(h.float())  # (2n, classes)
+        loss = (F.cross_entropy(logits, y.clamp(min=0), reduction="none") * keep).sum() / keep.sum().clamp(min=1)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.correct += ((logits.argmax(1) == y).float() * keep).sum().detach()
+        self.seen += keep.sum()
+
+    def accuracy(self, world):
+        """Top-1 (%) on the training views since the last call, over all ranks; None without labels."""
+        counts = torch.stack([self.correct, self.seen])
+        if world > 1:
+            dist.all_reduce(counts)
+        self.correct.zero_(), self.seen.zero_()
+        correct, seen = counts.tolist()
+        return round(100 * correct / seen, 2) if seen else None
+
+    def state_dict(self):
+        return {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+
 
 def random_subset(n, k, seed):
     """Indices of k of n items drawn with the seed, in their order (all of them when k is None or >= n)."""
@@ -297,15 +404,7 @@ def main(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
     device = check_device(args.device)
-    for name in ("epochs", "batch_size", "lr", "finetune_epochs", "finetune_lr", "knn_k", "knn_t", "image_size",
-                 "max_train_samples", "max_test_samples"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            die(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if min(args.weight_decay) < 0:
-        die(f"--weight-decay takes L2 penalties of 0 or more, got {args.weight_decay}")
     args.finetune_label_fraction = args.finetune_label_fraction or args.label_fraction
-    if not all(0 < f <= 1 for f in args.label_fraction + args.finetune_label_fraction):
-        die(f"label fractions take values in (0, 1], got {args.label_fraction + args.finetune_label_fraction}")
     if not args.ckpt and args.dataset is None:
         die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
     encoders = load_encoders(args)

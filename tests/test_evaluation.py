@@ -20,7 +20,7 @@ def test_knn_on_separable_features_is_perfect():
     ytr, yte = torch.arange(200) % 4, torch.arange(40) % 4
     xtr = centres[ytr] + torch.randn(200, 16, generator=g) * 0.1
     xte = centres[yte] + torch.randn(40, 16, generator=g) * 0.1
-    scores = train.knn_predict(xtr, ytr, xte, 4, k=20)
+    scores = eval_linear.knn_predict(xtr, ytr, xte, 4, k=20)
     assert (scores.argmax(1) == yte).all()
 
 
@@ -70,8 +70,8 @@ def test_features_follow_the_autocast_dtype():
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     mean, std = torch.tensor([0.5] * 3), torch.tensor([0.25] * 3)
     with torch.no_grad():
-        f32 = train.extract_features(encoder, images, 28, mean, std, torch.device("cpu"))
-        bf16 = train.extract_features(encoder, images, 28, mean, std, torch.device("cpu"), dtype=torch.bfloat16)
+        f32 = eval_linear.extract_features(encoder, images, 28, mean, std, torch.device("cpu"))
+        bf16 = eval_linear.extract_features(encoder, images, 28, mean, std, torch.device("cpu"), dtype=torch.bfloat16)
     assert f32.dtype == bf16.dtype == torch.float32 and not torch.equal(f32, bf16)
     assert torch.nn.functional.cosine_similarity(f32, bf16).min() > 0.99
 
@@ -103,7 +103,7 @@ def test_online_probe_leaves_the_encoder_gradients_unchanged():
         args = train.get_args_parser().parse_args(["--lr", "0.3"])
         opt = train.build_optimizer(model, args, 0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        probe = train.OnlineProbe(model.feat_dim, 10, torch.device("cpu")) if use_probe else None
+        probe = eval_linear.OnlineProbe(model.feat_dim, 10, torch.device("cpu")) if use_probe else None
         train.train_step(model, views, opt, scaler, None, 0.5, True, probe, labels)
         results.append(({k: p.grad.clone() for k, p in model.named_parameters()}, model.state_dict()))
         if probe is not None:
@@ -136,7 +136,7 @@ def test_protocols_fractions_plots_and_json(pretrained, capsys, tmp_path):
 def test_linear_evaluation_refuses_an_encoder_that_changed(pretrained, monkeypatch):
     """The frozen-encoder check can fail: a feature extractor that runs BN in train mode is caught."""
     data, out = pretrained
-    real = train.extract_features
+    real = eval_linear.extract_features
 
     def leaky(encoder, *a, **k):
         if encoder is not None:

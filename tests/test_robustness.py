@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval_linear
+import harness
 import train
 from conftest import ROOT, write_idx
 
@@ -102,11 +103,11 @@ def one_line_exit_2(capsys, fn):
 
 
 def train_main(argv):
-    return lambda: train.main(train.Parser(parents=[train.get_args_parser()]).parse_args(argv))
+    return lambda: train.main(harness.Parser(parents=[train.get_args_parser()]).parse_args(argv))
 
 
 def eval_main(argv):
-    return lambda: eval_linear.main(train.Parser(parents=[eval_linear.get_args_parser()]).parse_args(argv))
+    return lambda: eval_linear.main(harness.Parser(parents=[eval_linear.get_args_parser()]).parse_args(argv))
 
 
 @pytest.fixture

@@ -1,0 +1,288 @@
+"""The run's plumbing shared by train.py, eval_linear.py and bench.py: one-line errors and validated flags,
+devices, torchrun setup, AMP dtype, atomic checkpoint and JSON writes, checkpoint loading, RNG state, stop signals,
+JSON-lines logs and the git SHA. Nothing here knows SimCLR.
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# ------------------------------------------------------------------------------------------ errors and flags
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (what is wrong, then --help), exit code 2."""
+
+    def error(self, message):
+        if message.startswith("argument "):  # "argument --lr: must be positive" -> "--lr must be positive"
+            flag, _, rest = message[len("argument "):].partition(": ")
+            message = f"{flag.split('/')[0]} {rest}"
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def die(msg, every_rank=False):
+    """One actionable line on stderr and exit code 2, never a traceback. Under torchrun only rank 0 speaks,
+    unless the error may be one rank's alone (every_rank): then each rank that meets it says so."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or every_rank:
+        prefix = f"[rank {rank}] " if every_rank and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        tqdm.write(f"{prefix}error: {msg}", file=sys.stderr)  # on its own line, also below a progress bar
+    sys.exit(2)
+
+
+def checked(cast, ok, rule):
+    """An argparse type: cast the text (a ValueError says 'invalid float value'), then ok(value), else the
+    one-line error '--flag RULE, got TEXT'."""
+    def parse(text):
+        value = cast(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def at_least(low, cast=int):
+    return checked(cast, lambda v: v >= low, f"must be at least {low}")
+
+
+positive_int = checked(int, lambda v: v > 0, "must be positive")
+positive_float = checked(float, lambda v: v > 0, "must be positive")  # NaN fails too
+probability = checked(float, lambda v: 0 <= v <= 1, "is a probability: use a value in [0, 1]")
+
+
+def ordered_pair(low, high=float("inf")):
+    """argparse action for MIN MAX with low < MIN <= MAX <= high."""
+    class OrderedPair(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            a, b = values
+            if not low < a <= b <= high:
+                top = f" <= {high}" if high < float("inf") else ""
+                parser.error(f"{option_string} takes MIN MAX with {low} < MIN <= MAX{top}, got {a} {b}")
+            setattr(namespace, self.dest, (a, b))
+    return OrderedPair
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+def check_device(name):
+    """The torch.device of --device, or one line saying why it cannot be used. A bare 'cuda' becomes the
+    current GPU's index, so that device comparisons mean what they say."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name} is not a device: use cpu, cuda or cuda:K")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}, but torch finds no CUDA GPU here: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        die(f"--device {name}, but there are {n} GPUs: use cuda:0 ... cuda:{n - 1}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def setup_distributed(name):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. -> (rank, world, device)"""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, check_device(name)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = check_device(f"cuda:{local}") if name.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def amp_dtype(name, device):
+    """The autocast dtype of --amp: None (off), bfloat16, or float16 (with a GradScaler). fp16 on the CPU is
+    refused: most CPUs emulate it, many times slower than bf16 or float32."""
+    if name == "off":
+        return None
+    if name == "fp16" and device.type == "cpu":
+        die("--amp fp16 on the CPU is emulated on most CPUs and runs many times slower: use --amp bf16 or --amp off")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        print("bf16 is not supported on this GPU: using fp16 with a GradScaler")
+        return torch.float16
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def make_writable_dir(path, what, fix):
+    """Create `path` and check that a file can be written in it, before any work; else one line naming `what`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        test_file = os.path.join(path, f".write-test{os.getpid()}")
+        open(test_file, "w").close()
+        os.remove(test_file)
+    except OSError as e:
+        die(f"{what} is not writable ({e.strerror}): {fix}")
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file in the same folder, flush it to disk, then os.replace."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    """Atomic, like save_checkpoint: a result already written is never left half-overwritten."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (a checkpoint cannot run code); any bad file is one line."""
+    if not os.path.isfile(path):
+        die(f"checkpoint {path} does not exist: check the path (train.py writes OUTPUT_DIR/last.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: one line, never a traceback
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); use a last.pt written by train.py")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        die(f"{path} is not a SimCLR checkpoint of train.py (no 'model'/'args' entries)")
+    return ckpt
+
+
+def load_model_state(model, ckpt, path, flags, wanted=None):
+    """Strict load; a checkpoint of another architecture is one line naming both by `flags` (arg names)."""
+    def describe(a):
+        return ", ".join(f"{k} {a.get(k)}" for k in flags if k in a)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        asked = f", but this run asks for {describe(wanted)}" if wanted else ""
+        names = "/".join("--" + k.replace("_", "-") for k in flags)
+        die(f"{path} holds a model with {describe(ckpt['args'])}{asked}: pass the checkpoint's {names}, "
+            "or another --output-dir")
+
+
+def rng_states():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_states(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, state, gauss = s["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def seed_all(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file; a line torn by a kill while it was written is skipped."""
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path, step):
+    """Drop the rows logged after `step` (those of a run that is resumed from an earlier checkpoint)."""
+    if os.path.exists(path):
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+
+
+def plot_jsonl(path, out, panels):
+    """A PNG with one panel per (title, {key: label}) of `panels`: each key's values against the step, from the
+    JSON-lines log `path`; panels without data are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(path)
+    series = [(title, [(label, [(r["step"], r[k]) for r in rows if r.get(k) is not None]) for k, label in keys.items()])
+              for title, keys in panels]
+    series = [(title, [(label, xy) for label, xy in lines if xy]) for title, lines in series]
+    series = [(title, lines) for title, lines in series if lines]
+    if not series:
+        return
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], series):
+        for label, xy in lines:
+            ax.plot(*zip(*xy), label=label, marker="o" if len(xy) < 20 else None)
+        ax.set(xlabel="step", title=title)
+        if len(lines) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second signal stops at once). Under
+    torchrun the ranks agree through a small gloo all_reduce, so that they all stop after the same step."""
+
+    def __init__(self, world):
+        self.signal = None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def __bool__(self):
+        """Whether to stop now; under torchrun a collective call, made by every rank after the same step."""
+        if self.group is None:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item() and self.signal is None:
+            self.signal = "a signal to another rank"
+        return bool(flag.item())
+
+
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which finishes the step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,21 @@
+"""bench.py runs end to end at a tiny size and writes every number it promises."""
+import json
+
+import bench
+
+KEYS = {"date", "device", "torch", "arch", "width", "image_size", "batch_size", "amp", "aug_batched_img_s",
+        "aug_batched_eager_img_s", "aug_per_image_img_s", "aug_speedup", "loss_ms", "model_only_img_s", "step_img_s",
+        "step_over_model", "breakdown_ms", "gflop_per_view", "model_tflop_s", "step_tflop_s"}
+
+
+def test_bench_runs_and_writes_its_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    args = bench.get_args_parser().parse_args(
+        ["--width", "0.125", "--image-size", "32", "--batch-size", "4", "--aug-batch", "8", "--steps", "1",
+         "--reps", "1", "--workers", "0", "--no-aug-compile", "--out", str(out)])
+    bench.main(args)
+    res = json.loads(out.read_text())
+    assert KEYS <= set(res), KEYS - set(res)
+    for key in ("aug_batched_img_s", "aug_per_image_img_s", "model_only_img_s", "step_img_s", "gflop_per_view"):
+        assert res[key] > 0, key
+    assert set(res["breakdown_ms"]) == {"data", "augment", "model", "full_step"}
