@@ -136,8 +136,11 @@ def resized_crop(x, boxes, size, flip=None, rot=None):
 
 
 def luma_weights(channels, device=None):
-    """ITU-R 601-2 luma weights (torchvision's grayscale) for RGB; a single channel is its own luma."""
-    return torch.tensor([0.2989, 0.587, 0.114] if channels == 3 else [1.0], device=device)
+    """ITU-R 601-2 luma weights (torchvision's grayscale) for RGB; a single channel is its own luma. Filled on
+    `device`: torch.tensor of a list there would be a blocking host-to-device copy on every call."""
+    if channels != 3:
+        return torch.ones(1, device=device)
+    return torch.stack([torch.full((), v, device=device) for v in (0.2989, 0.587, 0.114)])  # (3,)
 
 
 def grayscale(x):
@@ -162,7 +165,8 @@ def color_affine(x, mat, coef, w):
     """clamp(mat @ pixel + coef * mean luma, 0, 1) for every pixel: a different colour map per sample in one
     batched matmul. x (B, C, H, W), mat (B, C, C), coef (B,), w luma weights (C,)."""
     b, c, h, wd = x.shape
-    offset = (coef * (x.mean(dim=(2, 3)) @ w)).view(b, 1, 1).expand(b, c, 1)  # (B, C, 1)
+    # a product and a sum over C rather than a matmul, whose rounding depends on B: the same view in any chunk
+    offset = (coef * (x.mean(dim=(2, 3)) * w).sum(1)).view(b, 1, 1).expand(b, c, 1)  # (B, C, 1)
     return torch.baddbmm(offset, mat, x.reshape(b, c, h * wd)).view(b, c, h, wd).clamp_(0, 1)  # (B, C, H*W)
 
 
@@ -189,7 +193,8 @@ def adjust_hue(x, f):
     is_g = (v == g).to(x.dtype) * (1 - is_r)
     num = is_r * (g - b) + is_g * (b - r + 2 * chroma) + (1 - is_r - is_g) * (r - g + 4 * chroma)
     h6 = num / chroma.clamp(min=1e-12) + 6 * f.view(-1, 1, 1)  # hue in sixths of a turn, shifted
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6[:, None]  # (B, 3, H, W)
+    # offsets 5, 3, 1 for R, G, B filled on the device, not copied from a host list on every call
+    k = torch.arange(5, 0, -2, device=x.device, dtype=h6.dtype).view(1, 3, 1, 1) + h6[:, None]  # (B, 3, H, W)
     k = k - 6 * torch.floor(k / 6)  # mod 6
     return v[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
 

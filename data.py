@@ -289,12 +289,27 @@ def _decoded_folder(ds, size):
     return images
 
 
+def resolve_device(device):
+    """torch.device(device), a bare 'cuda' as the current CUDA device: tensors report their index (cuda:0), and
+    torch.device('cuda') == torch.device('cuda:0') is False."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def pin_before_copy(src, dst):
+    """Whether a batch on device `src` is pinned before its copy to `dst`: only from the host to a GPU, where
+    pinning lets the copy run without blocking (pin_memory() of a GPU tensor raises)."""
+    return src.type == "cpu" and dst.type == "cuda"
+
+
 class ResidentImages:
     """A dataset held as one uint8 tensor (N, C, H, W): on `device` when it fits in a third of the free device
     memory, else in pinned host memory (CUDA) or plain host memory (CPU). batch(idx) gathers by index."""
 
     def __init__(self, images, labels, device):
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             images = images.to(self.device) if images.nbytes < free / 3 else images.pin_memory()
@@ -308,7 +323,8 @@ class ResidentImages:
         idx = idx.to(self.images.device)
         x, y = self.images[idx], self.labels[idx]
         if x.device != self.device:
-            x = x.pin_memory() if self.device.type == "cuda" else x
+            if pin_before_copy(x.device, self.device):
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
 
@@ -364,7 +380,7 @@ class TwoViewBatches:
 
     def __init__(self, dataset, per_rank, rank, world, seed, device, batch_augment=None, image_size=None,
                  transform=None, workers=0, worker_init_fn=None):
-        self.per_rank, self.rank, self.seed, self.device = per_rank, rank, seed, torch.device(device)
+        self.per_rank, self.rank, self.seed, self.device = per_rank, rank, seed, resolve_device(device)
         self.sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // per_rank
         self.augment = batch_augment
@@ -384,7 +400,9 @@ class TwoViewBatches:
         if self.augment is None:
             self.dataset.set_epoch(epoch)
             for (v1, v2), y in self.loader:
-                yield torch.cat([v1, v2]).to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                # each view from its pinned batch, then cat on the device: a cat on the host is not pinned
+                v1, v2 = v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
+                yield torch.cat([v1, v2]), y.to(self.device, non_blocking=True)  # (2n, 3, S, S)
             return
         order = torch.tensor(list(self.sampler))
         order = order[:len(order) // self.per_rank * self.per_rank].view(-1, self.per_rank)  # (steps, n)

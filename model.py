@@ -110,7 +110,9 @@ class AllReduceSum(torch.autograd.Function):
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm over the batch of every rank (the paper's global BN), in plain torch for any device: torch's
     SyncBatchNorm has GPU kernels only. Statistics are summed with a differentiable all_reduce, so gradients
-    flow to every rank's inputs; outside training or torch.distributed it is ordinary BN. Same state_dict keys."""
+    flow to every rank's inputs; outside training or torch.distributed it is ordinary BN. Same state_dict keys.
+    The variance takes two passes (the global mean, then the squares about it): E[x^2] - E[x]^2 in float32
+    cancels catastrophically when the mean is large against the spread."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -124,17 +126,18 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, c] + [1] * (x.dim() - 2)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         count = torch.full((1,), x.numel() // c, dtype=xf.dtype, device=x.device)
-        stats = AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))  # (2C + 1,) summed
+        stats = AllReduceSum.apply(torch.cat([xf.sum(dims), count]))  # (C + 1,) summed over ranks
         n = stats[-1]
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)  # biased, as BN normalises with
+        d = xf - mean.view(shape)  # (C,) -> (1, C, 1, 1)
+        var = AllReduceSum.apply((d * d).sum(dims)) / n  # (C,) biased, as BN normalises with
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
                 self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased
-        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)  # (C,) -> (1, C, 1, 1)
+        y = d * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
