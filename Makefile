@@ -5,7 +5,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # progress lines appear as they happen, also when the output goes to a file
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data demo test bench bench-gpu
+.PHONY: setup data demo test bench gpu-check gpu-check-cpu
 
 setup:
 	$(PYTHON) -m pip install -q --root-user-action=ignore -r requirements.txt
@@ -39,14 +39,12 @@ test: setup
 bench: setup
 	$(PYTHON) bench.py
 
-# the GPU check in one command: bench.py on CUDA, then 300 steps of train.py on 96 px images (synthetic, so that
-# it needs no download), whose img/s land in $(GPU_RUN)/metrics.jsonl
-GPU_DATA ?= /tmp/simclr-gpu-data
-GPU_RUN ?= /tmp/simclr-gpu-run
-bench-gpu: setup
-	$(PYTHON) bench.py --device cuda --out bench_gpu.json
-	$(PYTHON) -c "import os, torch, torchvision; d = '$(GPU_DATA)/train/x'; os.makedirs(d, exist_ok=True); \
-	  [torchvision.io.write_png(torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8), f'{d}/{i}.png') for i in range(8192)]"
-	$(PYTHON) train.py --dataset folder --data-dir $(GPU_DATA) --image-size 96 --batch-size 512 --max-steps 300 \
-	  --log-every 50 --output-dir $(GPU_RUN)
-	tail -n 3 $(GPU_RUN)/metrics.jsonl
+# the GPU check in one command: the CUDA tests, bench.py --device cuda, 300 steps of train.py on a synthetic 96 px
+# folder (batch 512 with and without --compile, batch 1024), eval_linear.py; logs and JSON under OUT (.ci/gpu-check)
+OUT ?= gpu-check-out
+gpu-check:
+	OUT=$(OUT) PYTHON=$(PYTHON) ./.ci/gpu-check
+# the same command on the CPU at tiny sizes (CI runs it), so that only CUDA-specific failures can be left
+gpu-check-cpu:
+	OUT=$(OUT) PYTHON=$(PYTHON) DEVICE=cpu N_IMAGES=64 SIZE=32 BATCH=16 BIG_BATCH=32 STEPS=4 WIDTH=0.125 \
+	  BENCH="--batch-size 4 --aug-batch 8 --steps 1 --reps 1 --workers 0 --width 0.125 --image-size 32" ./.ci/gpu-check

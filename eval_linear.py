@@ -404,6 +404,7 @@ def main(args):
     t0 = time.time()
     torch.manual_seed(args.seed)
     device = check_device(args.device)
+    dtype = amp_dtype(args.amp, device)  # before any work: fp16 on the CPU is refused
     args.finetune_label_fraction = args.finetune_label_fraction or args.label_fraction
     if not args.ckpt and args.dataset is None:
         die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
@@ -429,7 +430,7 @@ def main(args):
     classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
     subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction + args.finetune_label_fraction}
 
-    results, dtype = [], amp_dtype(args.amp, device)
+    results = []
     for name, model, _ in encoders:
         if model is not None:
             model = model.to(device, memory_format=torch.channels_last)

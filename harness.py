@@ -146,18 +146,61 @@ def save_json(path, obj):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True (a checkpoint cannot run code); any bad file is one line."""
+def try_load_checkpoint(path):
+    """(checkpoint, None) or (None, why not in one line). weights_only=True: a checkpoint cannot run code."""
     if not os.path.isfile(path):
-        die(f"checkpoint {path} does not exist: check the path (train.py writes OUTPUT_DIR/last.pt)")
+        return None, f"checkpoint {path} does not exist: check the path (train.py writes OUTPUT_DIR/last.pt)"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file: one line, never a traceback
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); use a last.pt written by train.py")
+        return None, f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); use a last.pt of train.py"
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        die(f"{path} is not a SimCLR checkpoint of train.py (no 'model'/'args' entries)")
+        return None, f"{path} is not a SimCLR checkpoint of train.py (no 'model'/'args' entries)"
+    return ckpt, None
+
+
+def load_checkpoint(path):
+    ckpt, error = try_load_checkpoint(path)
+    if error:
+        die(error)
     return ckpt
+
+
+def agree_on_resume(path, world):
+    """The checkpoint to resume from, or None, decided by rank 0: `path` is each rank's own candidate (None:
+    none there). Every rank then loads its own copy, and the ranks check that they all hold rank 0's step; a
+    rank that cannot is a one-line error on every rank, never a hang or a silent divergence."""
+    ckpt, error = try_load_checkpoint(path) if path and (world == 1 or dist.get_rank() == 0) else (None, None)
+    if world == 1:
+        if error:
+            die(error)
+        return ckpt
+    group = dist.new_group(backend="gloo")  # small control messages, on the CPU whatever the device
+    decision = [path is not None, ckpt["step"] if ckpt else -1, error]  # rank 0's
+    dist.broadcast_object_list(decision, src=0, group=group)
+    resume, step, error = decision
+    if error:
+        die(error)
+    if not resume:
+        return None
+    if dist.get_rank() != 0:
+        ckpt, error = try_load_checkpoint(path) if path else (None, "no checkpoint in this rank's --output-dir")
+        if ckpt is not None and ckpt["step"] != step:
+            error = f"{path} holds step {ckpt['step']}"
+    ok = torch.tensor([error is None], dtype=torch.int32)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if not ok.item():
+        why = error or "another rank cannot read it"
+        die(f"rank 0 resumes from step {step}, but {why}: put --output-dir on a filesystem every node shares, or "
+            "copy rank 0's last.pt to each node", every_rank=True)
+    return ckpt
+
+
+def changed_flags(old, new, ignore=()):
+    """{flag: (old value, new value)} of two vars(args) dicts, leaving out `ignore` and flags `old` lacks."""
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 a checkpoint keeps tuples or lists
+    return {k: (old[k], v) for k, v in new.items() if k not in ignore and k in old and norm(old[k]) != norm(v)}
 
 
 def load_model_state(model, ckpt, path, flags, wanted=None):

@@ -21,14 +21,19 @@ from tqdm import tqdm
 from augment import BatchAugment, SimCLRTransform, save_preview
 from data import DATASETS, DatasetError, TwoViewBatches, get_dataset
 from eval_linear import MODEL_ARGS, build_monitors, knn_monitor
-from harness import (Parser, StopRequest, amp_dtype, append_jsonl, at_least, checked, die, git_sha, ignore_sigint,
-                     load_checkpoint, load_model_state, make_writable_dir, ordered_pair, positive_float, positive_int,
+from harness import (Parser, StopRequest, agree_on_resume, amp_dtype, append_jsonl, at_least, changed_flags, checked, die,
+                     git_sha, ignore_sigint, load_model_state, make_writable_dir, ordered_pair, positive_float, positive_int,
                      plot_jsonl, probability, rng_states, save_checkpoint, seed_all, set_rng_states, setup_distributed,
                      truncate_jsonl)
 from loss import nt_xent
 from model import ARCHS, SimCLR, convert_global_bn
 
 BASE_LR = {"lars": 0.3, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}  # per 256 images
+# flags that cannot change what a run computes: a resumed run may pass others; the rest must match the checkpoint
+NEUTRAL = {"workers", "log_every", "save_every", "save_every_epochs", "output_dir", "resume", "extend", "device",
+           "data_dir", "download", "compile", "aug_compile", "channels_last", "probe", "knn_every", "knn_samples",
+           "preview", "sync_bn"}
+EXTENDABLE = {"epochs", "max_steps"}  # what --extend may change
 
 
 def get_args_parser():
@@ -116,6 +121,9 @@ def get_args_parser():
     g.add_argument("--output-dir", default=None, help="(default: runs/DATASET)")
     g.add_argument("--resume", default=None,
                    help="checkpoint to continue from (default: OUTPUT_DIR/last.pt when it exists)")
+    g.add_argument("--extend", action="store_true",
+                   help="resume with another --epochs/--max-steps on purpose (the schedule is refitted to the new "
+                        "length); the change and its step go into the checkpoint's history (default: %(default)s)")
     g.add_argument("--save-every", type=at_least(0), default=0,
                    help="also write last.pt every this many steps (default: %(default)s, only at epoch ends)")
     g.add_argument("--save-every-epochs", type=positive_int, default=1,
@@ -200,7 +208,7 @@ def train(args, rank, world, device):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     probe, knn = build_monitors(args, base, model, rank, device)
     run = Run(args, rank == 0, model, optimizer, scaler, probe, views.steps_per_epoch)
-    step = run.resume()
+    step = run.resume(world)
     if rank == 0:
         print(json.dumps({"args": vars(args), "git": git_sha(), "world_size": world}), flush=True)
         if step == 0:
@@ -421,20 +429,25 @@ class Run:
     def __init__(self, args, main, model, optimizer, scaler, probe, steps_per_epoch):
         self.args, self.main, self.model, self.optimizer, self.scaler, self.probe = args, main, model, optimizer, scaler, probe
         self.steps_per_epoch, self.seconds_before, self.t_start, self.resumed_from = steps_per_epoch, 0.0, time.time(), None
+        self.history = []  # [{"step", "changed": {flag: (old, new)}}]: what --extend changed, and when
         self.ckpt_path = os.path.join(args.output_dir, "last.pt")
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
-    def resume(self):
-        """The step to start from: 0, or that of --resume / OUTPUT_DIR/last.pt, whose states are loaded."""
+    def resume(self, world):
+        """The step to start from: 0, or that of --resume / OUTPUT_DIR/last.pt (rank 0 decides), whose states are
+        loaded. A checkpoint made with other flags is refused, unless --extend changes only the run's length."""
         args, path = self.args, self.args.resume or (self.ckpt_path if os.path.exists(self.ckpt_path) else None)
-        if path is None:
+        ckpt = agree_on_resume(path, world)
+        if ckpt is None:
             return 0
-        ckpt = load_checkpoint(path)
         load_model_state(self.model, ckpt, path, MODEL_ARGS, vars(args))
-        for flag in ("optimizer", "amp"):
-            if ckpt["args"].get(flag, getattr(args, flag)) != getattr(args, flag):
-                die(f"{path} was trained with --{flag} {ckpt['args'][flag]}, this run asks for --{flag} "
-                    f"{getattr(args, flag)}: resume with --{flag} {ckpt['args'][flag]}, or use another --output-dir")
+        changed = changed_flags(ckpt["args"], vars(args), NEUTRAL)
+        if changed and not (args.extend and set(changed) <= EXTENDABLE):
+            names = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items())
+            fix = ("--extend changes only --epochs/--max-steps" if args.extend else "rerun with the checkpoint's "
+                   "flags, pass --extend to change --epochs/--max-steps on purpose")
+            die(f"{path} was made with other flags ({names}): {fix}, or use another --output-dir")
+        self.history = ckpt.get("history", []) + ([{"step": ckpt["step"], "changed": changed}] if changed else [])
         if ckpt.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
             die(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
                 f"{self.steps_per_epoch}: resume with the same dataset and --batch-size "
@@ -464,7 +477,7 @@ class Run:
                 "scaler": self.scaler.state_dict(), "epoch": step // self.steps_per_epoch, "step": step,
                 "steps_per_epoch": self.steps_per_epoch, "args": vars(self.args), "rng": rng_states(),
                 **({"probe": self.probe.state_dict()} if self.probe is not None else {}),
-                "train_seconds": self.seconds()})
+                "history": self.history, "train_seconds": self.seconds()})
 
     def check_finite(self, window, step):
         """The window's losses averaged over the ranks (every rank decides alike); a non-finite one stops the

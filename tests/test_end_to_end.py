@@ -43,7 +43,7 @@ def test_train_then_eval_then_resume(tmp_path, no_md5, capsys, pipeline):
         assert json.load(f) == result
 
     # the same command with a larger budget continues from the stored step (automatic resume)
-    run_train(common + ["--max-steps", "4"])
+    run_train(common + ["--max-steps", "4", "--extend"])
     assert "resumed from" in capsys.readouterr().out
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

@@ -163,13 +163,15 @@ def test_output_dir_not_writable(capsys, fm, tmp_path):
     assert "is not writable" in err
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, fm, tmp_path):
+def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, fm, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2"])()
     before = (out / "last.pt").read_bytes()
     capsys.readouterr()
+    real = train.nt_xent
+    monkeypatch.setattr(train, "nt_xent", lambda z1, z2, t: real(z1, z2, t) * float("nan"))  # diverges from step 3
     err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "9",
-                                                     "--temperature", "1e-45"]))
+                                                     "--extend"]))
     assert "loss is not finite at step 3" in err and "last good checkpoint" in err
     assert (out / "last.pt").read_bytes() == before
 
@@ -217,7 +219,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(fm, tmp_path):
     train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1", "--epochs", "2"])()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "lo')  # killed while the line was written
-    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2", "--epochs", "2"])()
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2", "--epochs", "2", "--extend"])()
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line parses again
     assert rows and rows[-1]["step"] == 2
 
