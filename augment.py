@@ -79,8 +79,9 @@ def eval_batch(images, size, mean, std):
     return (x.expand(-1, 3, -1, -1) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
-def save_preview(images, transform, path, seed=0):
-    """Write a PNG grid with one column per image: the image, then its two views (un-normalised)."""
+def save_preview(images, transform, path, seed=0, min_tile=96):
+    """Write a PNG grid with one column per image: the image, then its two views (un-normalised). Each tile is
+    enlarged by a whole factor, nearest neighbour, to at least min_tile px: a 28 px view is legible at 112 px."""
     mean = torch.tensor(transform.mean).view(3, 1, 1)
     std = torch.tensor(transform.std).view(3, 1, 1)
     plain = eval_transform(transform.size, transform.mean, transform.std)
@@ -91,7 +92,9 @@ def save_preview(images, transform, path, seed=0):
             v1, v2_ = transform(img)
             for row, t in zip(rows, (plain(img), v1, v2_)):
                 row.append((t * std + mean).clamp(0, 1))  # (3, size, size)
-    grid = torchvision.utils.make_grid(torch.stack(rows[0] + rows[1] + rows[2]), nrow=len(images), padding=2)
+    k = max(1, math.ceil(min_tile / transform.size))  # whole factor: every pixel becomes a k x k block
+    tiles = torch.stack(rows[0] + rows[1] + rows[2]).repeat_interleave(k, 2).repeat_interleave(k, 3)  # (3n, 3, kS, kS)
+    grid = torchvision.utils.make_grid(tiles, nrow=len(images), padding=2)
     torchvision.utils.save_image(grid, path)
     return path
 
@@ -102,13 +105,17 @@ def save_preview(images, transform, path, seed=0):
 def crop_coords(boxes, size, height, width, flip=None):
     """grid_sample coordinates in [-1, 1] (align_corners=False) of crop boxes (B, 4) = (top, left, height,
     width) resized to size x size: (gx (B, S), gy (B, S)). Bilinear like torchvision's resize of the cropped
-    pixels, whose edge pixels are clamped to the box; flip (B,) bool mirrors the columns."""
+    pixels, whose edge pixels are clamped to the box; flip (B,) bool mirrors the columns. height, width: the size
+    of the image the boxes are drawn on, ints or (B,) tensors; the coordinates are fractions of that image, so
+    they read the same points from any resize of it (a folder image stored as a square)."""
     top, left, h, w = boxes.float().unbind(1)  # (B,) each
     t = torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5  # output pixel centres
     gx = left[:, None] + (t * w[:, None] / size - 0.5).clamp(min=0).minimum(w[:, None] - 1)  # (B, S) pixels
     gy = top[:, None] + (t * h[:, None] / size - 0.5).clamp(min=0).minimum(h[:, None] - 1)
     if flip is not None:
         gx = torch.where(flip[:, None], gx.flip(1), gx)
+    if isinstance(height, torch.Tensor):  # per sample, (B,) -> (B, 1) against the (B, S) pixels
+        height, width = height.to(gy.device, torch.float32)[:, None], width.to(gx.device, torch.float32)[:, None]
     return (2 * gx + 1) / width - 1, (2 * gy + 1) / height - 1
 
 
@@ -262,29 +269,40 @@ class BatchAugment(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def sample_params(self, b, height, width, generator=None, device=None):
-        """Per-sample parameters (dict of (B, ...) tensors), drawn as torchvision's transforms draw them."""
+        """Per-sample parameters (dict of (B, ...) tensors), drawn as torchvision's transforms draw them. The crop
+        box is drawn on an image of height x width: ints, or (B,) tensors of each sample's original size."""
         def rand(*shape):
             return torch.rand(*shape, generator=generator, device=device)
 
+        def per_sample(side):  # (B,) float32: exact below 2^24, so the float32 ops below are those of an int side
+            if isinstance(side, torch.Tensor):
+                return side.to(device, torch.float32).expand(b)
+            return torch.full((b,), side, dtype=torch.float32, device=device)  # filled there, not copied from the host
+
+        height, width = per_sample(height), per_sample(width)
         # RandomResizedCrop: 10 tries of (area scale, log aspect ratio); the first that fits, else the centre
-        area = height * width
+        area = (height * width)[:, None]  # (B, 1)
         scale = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * rand(b, 10)
         lo, hi = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
         ratio = torch.exp(lo + (hi - lo) * rand(b, 10))
         w = torch.sqrt(area * scale * ratio).round()  # (B, 10)
         h = torch.sqrt(area * scale / ratio).round()
-        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
         first = ok.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
         w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
-        in_ratio = width / height
-        fw, fh = ((width, round(width / self.crop_ratio[0])) if in_ratio < self.crop_ratio[0] else
-                  (round(height * self.crop_ratio[1]), height) if in_ratio > self.crop_ratio[1] else (width, height))
-        w, h = torch.where(found, w, torch.full_like(w, fw)), torch.where(found, h, torch.full_like(h, fh))
+        # the centre fallback clamps the image's own ratio into crop_ratio, rounding in float64 as Python's round()
+        in_ratio = width.double() / height.double()
+        fw = torch.where(in_ratio > self.crop_ratio[1], (height.double() * self.crop_ratio[1]).round(),
+                         width.double())
+        fh = torch.where(in_ratio < self.crop_ratio[0], (width.double() / self.crop_ratio[0]).round(),
+                         height.double())
+        w, h = torch.where(found, w, fw.float()), torch.where(found, h, fh.float())
         top = torch.where(found, (rand(b) * (height - h + 1)).floor(), (height - h) // 2)
         left = torch.where(found, (rand(b) * (width - w + 1)).floor(), (width - w) // 2)
         lo_f = max(0.0, 1 - 0.8 * self.s)
         return dict(
-            boxes=torch.stack([top, left, h, w], dim=1),  # (B, 4)
+            boxes=torch.stack([top, left, h, w], dim=1),  # (B, 4) in pixels of an image of `sizes`
+            sizes=torch.stack([height, width], dim=1),  # (B, 2)
             flip=rand(b) < self.flip_p,
             rot=torch.where(rand(b) < self.rotate_p, 1 + (rand(b) * 3).floor().long(),
                             torch.zeros(b, dtype=torch.long, device=device)),  # x 90 degrees
@@ -298,11 +316,16 @@ class BatchAugment(torch.nn.Module):
             solarize=rand(b) < self.solarize_p,
         )
 
-    def forward(self, images, generator=None):
-        """One view of `images`. The parameters are drawn on the generator's device, by default the CPU: then
-        everything that depends on them is known on the host and reaches the GPU without any stream sync."""
+    def forward(self, images, generator=None, sizes=None):
+        """One view of `images`. sizes (B, 2): each sample's original (H, W), when `images` holds it resized (a
+        folder image stored whole as a square): the crop box is drawn on the original, as SimCLRTransform draws
+        it, and read from the resized pixels. None: the tensor's own size. The parameters are drawn on the
+        generator's device, by default the CPU: then everything that depends on them is known on the host and
+        reaches the GPU without any stream sync."""
         b, _, height, width = images.shape
         device = generator.device if generator is not None else torch.device("cpu")
+        if sizes is not None:
+            height, width = sizes.to(device).unbind(1)  # (B,) each
         return self.apply(images, self.sample_params(b, height, width, generator, device))
 
     def apply(self, images, p):
@@ -310,6 +333,8 @@ class BatchAugment(torch.nn.Module):
         p lives; on the CPU the pixels then go through in chunks of about cpu_chunk_bytes, so that the passes
         over a chunk stay in the cache."""
         b, c, height, width = images.shape
+        if "sizes" in p:  # the boxes are on the originals, which `images` may hold resized
+            height, width = p["sizes"].unbind(1)  # (B,) each
         gx, gy = crop_coords(p["boxes"], self.size, height, width, p["flip"])  # (B, S) each
         w = luma_weights(c, gx.device)
         op = torch.where(p["jitter"][:, None], p["order"], torch.full_like(p["order"], 4))  # (B, 4); 4: skip

@@ -5,6 +5,7 @@ A dataset that fits in memory can also be held whole as one uint8 tensor (Reside
 import gzip
 import hashlib
 import itertools
+import math
 import os
 import shutil
 import warnings
@@ -253,7 +254,7 @@ def _base(dataset):
 def uint8_images(dataset, size=None):
     """(images uint8 (N, C, H, W), labels (N,)) of a dataset from get_dataset. STL-10, CIFAR and Fashion-MNIST
     already hold their pixels in one array (C is 1 for Fashion-MNIST); a folder is decoded once, its short side
-    resized to `size` and centre-cropped, and cached in cache_dir() for the next run."""
+    resized to `size` and centre-cropped (evaluation's view), and cached in cache_dir() for the next run."""
     base, idx = _base(dataset)
     data = getattr(base, "data", None)
     if isinstance(base, torchvision.datasets.MNIST):
@@ -270,23 +271,91 @@ def uint8_images(dataset, size=None):
     return (images, ys) if idx is None else (images[idx], ys[idx])
 
 
-def _decoded_folder(ds, size):
+def whole_images(dataset, size=None):
+    """(images uint8 (N, C, S, S), labels (N,), sizes (N, 2)) for pretraining's batched augmentation, which draws
+    each crop box on the original (H, W) = sizes[i] and reads it from images[i]. STL-10, CIFAR and Fashion-MNIST:
+    uint8_images at their own size. A folder: every image whole, resized to S = whole_side(size) without keeping
+    its aspect, decoded once and cached in cache_dir(); DatasetError before any decoding if it would not fit in
+    memory (check_fits)."""
+    base, idx = _base(dataset)
+    if not isinstance(base, (ImageFiles, SafeImageFolder)):
+        images, ys = uint8_images(dataset)
+        return images, ys, torch.tensor([images.shape[-2:]]).repeat(len(images), 1)  # (N, 2)
+    size = size or DATASETS["folder"]["size"]
+    check_fits(len(base), whole_side(size), available_memory())
+    images, sizes = _decoded_folder(base, size, whole=True)
+    ys = labels(base)
+    return (images, ys, sizes) if idx is None else (images[idx], ys[idx], sizes[idx])
+
+
+def whole_side(size):
+    """Side of the square a folder image is stored in for views of `size`: ceil(1.25 size). A crop of 64% of the
+    image or more is then read at or above the view's resolution and the median crop (about half the area,
+    0.71 of each side) enlarged only 1.13x, for 1.56x the memory of a size x size image."""
+    return math.ceil(1.25 * size)
+
+
+def available_memory():
+    """Bytes this process may still allocate: MemAvailable (else the free pages), or less under a cgroup v2 memory
+    limit (containers, Slurm); None if unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]  # kB
+    except OSError:
+        pass
+    if not found and hasattr(os, "sysconf"):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                found.append(int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_fits(n, side, available):
+    """DatasetError (one line) if n images of 3 x side x side bytes need more than half the `available` bytes: the
+    held tensor, plus on a GPU its pinned copy (pin_memory() copies), must leave room for the run. None: no check."""
+    need = n * 3 * side * side
+    if available is not None and need > available / 2:
+        raise DatasetError(f"folder: {n} images stored as {side}x{side} uint8 need {need / 2 ** 30:.2f} GiB, more "
+                           f"than half of the {available / 2 ** 30:.2f} GiB of memory available; use --pipeline "
+                           "per-image (decodes each image when it is needed) or a smaller --image-size")
+
+
+def _decoded_folder(ds, size, whole=False):
+    """A folder's images decoded once, cached in cache_dir(): uint8 (N, 3, size, size), each short side resized to
+    `size` and centre-cropped; or whole: (uint8 (N, 3, S, S), each image resized whole to S = whole_side(size),
+    its original (H, W) (N, 2))."""
     paths = ds.files if isinstance(ds, ImageFiles) else ds.paths
-    key = hashlib.sha1(repr([size] + [(p, os.path.getmtime(p)) for p in paths]).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"folder-{key}.pt")
+    side = whole_side(size) if whole else size
+    # the centre crops keep their key from before (the same pixels); the whole squares have their own
+    tag = [size] + (["whole", side] if whole else [])
+    key = hashlib.sha1(repr(tag + [(p, os.path.getmtime(p)) for p in paths]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"folder-{'whole-' if whole else ''}{key}.pt")
     if os.path.exists(path):
-        return torch.load(path, weights_only=True)
-    tf = torchvision.transforms.v2.Compose([torchvision.transforms.v2.PILToTensor(),
-                                            torchvision.transforms.v2.Resize(size, antialias=True),
-                                            torchvision.transforms.v2.CenterCrop(size)])
-    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+        cached = torch.load(path, weights_only=True)
+        return (cached["images"], cached["sizes"]) if whole else cached
+    v2 = torchvision.transforms.v2
+    fit = [v2.Resize((side, side), antialias=True)] if whole else [v2.Resize(size, antialias=True),
+                                                                      v2.CenterCrop(size)]
+    tf = v2.Compose([v2.PILToTensor()] + fit)
+    images = torch.empty(len(paths), 3, side, side, dtype=torch.uint8)
+    sizes = torch.empty(len(paths), 2, dtype=torch.long)
     for i in range(len(paths)):
-        images[i] = tf(_load_or_neighbour(paths, i)[0])  # (3, size, size)
+        img = _load_or_neighbour(paths, i)[0]  # a broken file's neighbour: its own size goes with it
+        images[i], sizes[i] = tf(img), torch.tensor([img.height, img.width])  # (3, side, side), (2,)
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(images, tmp)
+    torch.save(dict(images=images, sizes=sizes) if whole else images, tmp)
     os.replace(tmp, path)
-    return images
+    return (images, sizes) if whole else images
 
 
 def resolve_device(device):
@@ -373,8 +442,9 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 class TwoViewBatches:
     """One rank's pretraining batches: (views (2n, 3, S, S) on `device`, labels (n,)), view 1 of image i at row i
-    and view 2 at row n + i. Either batched, `batch_augment` (e.g. augment.BatchAugment) applied on the device
-    to the dataset held as one uint8 tensor, its parameters drawn from a CPU generator seeded by (seed, rank,
+    and view 2 at row n + i. Either batched, `batch_augment(x, generator, sizes=...)` (e.g. augment.BatchAugment)
+    applied on the device to the dataset held as one uint8 tensor (whole_images: a folder's images whole, each
+    crop box drawn on its original's size), its parameters drawn from a CPU generator seeded by (seed, rank,
     epoch, step); or per image, `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both walk the
     same ResumableSampler order, so a resumed run sees the views an uninterrupted one would have seen."""
 
@@ -385,7 +455,8 @@ class TwoViewBatches:
         self.steps_per_epoch = len(self.sampler) // per_rank
         self.augment = batch_augment
         if batch_augment is not None:
-            self.resident = ResidentImages(*uint8_images(dataset, image_size), self.device)
+            images, ys, self.sizes = whole_images(dataset, image_size)  # sizes (N, 2) stay on the host
+            self.resident = ResidentImages(images, ys, self.device)
             self.gen = torch.Generator()  # parameters drawn on the CPU: the same views on any device, no syncs
         else:
             self.dataset = TwoViews(dataset, transform, seed)
@@ -406,8 +477,10 @@ class TwoViewBatches:
             return
         order = torch.tensor(list(self.sampler))
         order = order[:len(order) // self.per_rank * self.per_rank].view(-1, self.per_rank)  # (steps, n)
-        order = order.to(self.resident.images.device)  # once per epoch, not a host-to-device copy per step
-        for k, idx in enumerate(order, start):
-            x, y = self.resident.batch(idx)  # uint8 (n, C, H, W)
+        on_device = order.to(self.resident.images.device)  # once per epoch, not a host-to-device copy per step
+        for k, (idx, host_idx) in enumerate(zip(on_device, order), start):
+            x, y = self.resident.batch(idx)  # uint8 (n, C, S, S)
+            sizes = self.sizes[host_idx]  # (n, 2) the originals' (H, W), where the crop boxes are drawn
             self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))
-            yield self.augment(torch.cat([x, x]), self.gen), y  # two independent draws per image
+            # two independent draws per image
+            yield self.augment(torch.cat([x, x]), self.gen, sizes=torch.cat([sizes, sizes])), y
