@@ -6,6 +6,12 @@ import torchvision
 from model import SimCLR, build_encoder
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """The weights are initialised from torch's global generator, and so are the inputs below."""
+    torch.manual_seed(0)
+
+
 @pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet50", 2048)])
 @pytest.mark.parametrize("cifar_stem,size", [(False, 64), (True, 32)])
 def test_shapes(arch, feat, cifar_stem, size):
@@ -46,7 +52,8 @@ def test_width_multiplier(arch, width, feat):
     full, _ = build_encoder(arch, cifar_stem=True)
     assert set(enc.state_dict()) == set(full.state_dict())  # same module names as torchvision's
     n, n_full = sum(p.numel() for p in enc.parameters()), sum(p.numel() for p in full.parameters())
-    assert n == pytest.approx(n_full * width ** 2, rel=0.05)
+    # conv weights scale as width^2, the stem's 3 input channels and BN weights as width: <= 0.3% off here -> 1%
+    assert n == pytest.approx(n_full * width ** 2, rel=0.01)
 
 
 def test_residual_branches_start_at_zero():
@@ -55,11 +62,11 @@ def test_residual_branches_start_at_zero():
     assert enc.bn1.weight.all()
 
 
-def test_projection_head_is_linear_bn_relu_linear():
+def test_projection_head_dims():
+    """The hidden layer keeps the encoder's width, the output is proj_dim (the layout: tests/test_head.py)."""
     m = SimCLR("resnet18", proj_dim=128)
-    kinds = [type(x) for x in m.projector.net]
-    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert m.projector.net[0].in_features == m.projector.net[0].out_features == 512
+    assert m(torch.randn(2, 3, 64, 64))[1].shape == (2, 128)
 
 
 def test_unknown_arch():
