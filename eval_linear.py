@@ -17,10 +17,10 @@ from tqdm import tqdm
 from augment import BatchAugment, eval_batch
 from data import DATASETS, DatasetError, get_dataset, labels, uint8_images
 from harness import (Parser, amp_dtype, at_least, check_device, checked, die, load_checkpoint, load_model_state,
-                     make_writable_dir, positive_float, positive_int, save_json)
+                     make_writable_dir, ordered_pair, positive_float, positive_int, save_json)
 from model import ARCHS, SimCLR
 
-MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim")  # what a checkpoint's weights depend on
+MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim", "proj_layers", "proj_out_bn")  # what a checkpoint's weights depend on
 label_fraction = checked(float, lambda f: 0 < f <= 1, "takes label fractions in (0, 1]")
 WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
 PATH_ITERS = 50  # L-BFGS iterations per weight decay while choosing it (warm-started path)
@@ -49,7 +49,15 @@ def get_args_parser():
     g.add_argument("--max-train-samples", type=positive_int, default=None,
                    help="N training images drawn at random with --seed, for quick checks (default: all)")
     g.add_argument("--max-test-samples", type=positive_int, default=None,
-                   help="N test images drawn at random with --seed, for quick checks (default: all)")
+                   help="N test (or validation) images drawn at random with --seed, for quick checks (default: all)")
+    g.add_argument("--eval-on", default="test", choices=("test", "val"),
+                   help="val: hold out --val-fraction of the training split (class-balanced, fixed by --val-seed), "
+                        "train on the rest and report on it; the test split is never read. Choose every "
+                        "hyperparameter on val, then read test once per reported run (default: %(default)s)")
+    g.add_argument("--val-fraction", type=checked(float, lambda f: 0 < f < 1, "takes a fraction in (0, 1)"),
+                   default=0.1, help="(default: %(default)s)")
+    g.add_argument("--val-seed", type=int, default=0,
+                   help="draws the validation images; fixed, so every run and seed sees the same (default: %(default)s)")
     g = p.add_argument_group("protocols")
     g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn", "finetune"),
                    help="linear: logistic regression on frozen features; knn: k nearest neighbours (cosine, "
@@ -71,8 +79,16 @@ def get_args_parser():
     g.add_argument("--finetune-epochs", type=positive_int, default=10, help="(default: %(default)s)")
     g.add_argument("--finetune-label-fraction", nargs="+", type=label_fraction, default=None,
                    help="label fractions to fine-tune at (default: those of --label-fraction)")
-    g.add_argument("--finetune-lr", type=positive_float, default=0.05,
-                   help="SGD base learning rate per 256 images, cosine decay (default: %(default)s)")
+    g.add_argument("--finetune-lr", nargs="+", type=positive_float, default=[0.05],
+                   help="Nesterov SGD base rate per 256 images, cosine decay; several values are each run and "
+                        "reported, to choose one on --eval-on val (default: %(default)s)")
+    g.add_argument("--finetune-lr-random", nargs="+", type=positive_float, default=None,
+                   help="the same for the random-init network, which gets its own rate (default: --finetune-lr)")
+    g.add_argument("--finetune-weight-decay", type=at_least(0, float), default=0.0,
+                   help="(default: %(default)s, the paper's fine-tuning, appendix B.5)")
+    g.add_argument("--finetune-crop-scale", type=float, nargs=2, default=(0.08, 1.0), action=ordered_pair(0, 1),
+                   help="area range of the fine-tuning crop; flips too, no colour (default: %(default)s, the "
+                        "standard inception crop of the paper's fine-tuning)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
@@ -94,7 +110,7 @@ def load_encoders(args):
     for i, path in enumerate(args.ckpt):
         ckpt = load_checkpoint(path)
         a = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
-        model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1))
+        model = SimCLR.from_args(a)
         load_model_state(model, ckpt, path, MODEL_ARGS)
         name = "simclr" if len(args.ckpt) == 1 else os.path.basename(os.path.dirname(os.path.abspath(path))) or str(i)
         encoders.append((name, model, a))
@@ -106,7 +122,9 @@ def load_encoders(args):
             a = dict(arch=args.arch, width=args.width, stem_stride=args.stem_stride, proj_dim=128, image_size=size,
                      cifar_stem=size <= 64 if args.cifar_stem is None else args.cifar_stem)
         torch.manual_seed(args.seed)
-        model = SimCLR(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1))
+        # torchvision's default init: every residual branch contributes (zero init would leave each block the
+        # identity); its BN statistics are estimated on the training images in main, before any probe
+        model = SimCLR.from_args(a, zero_init_residual=False)
         encoders.append(("random", model, dict(a, train_seconds=0.0)))
     if args.pixels:
         encoders.append(("pixels", None, dict(first, arch="pixels", train_seconds=0.0)))
@@ -303,21 +321,39 @@ def linear_probe(xtr, ytr, xte, classes, args):
         return clf(xte), best
 
 
-def finetune(model, train_images, ytr, test_images, yte, classes, size, mean, std, args, device, desc):
-    """Train encoder + a linear head with labels (random crop and flip); test top-1 after every epoch."""
+@torch.no_grad()
+def fit_bn_statistics(encoder, images, size, mean, std, device, dtype, batch_size=512):
+    """BN running statistics of `encoder` as the averages over `images` (no labels, no gradients): a forward pass in
+    train mode with a cumulative moving average (momentum None), then eval mode."""
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    encoder.train()
+    for i in range(0, len(images), batch_size):
+        x = eval_batch(images[i:i + batch_size].to(device), size, mean, std)  # (B, 3, S, S)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            encoder(x.contiguous(memory_format=torch.channels_last))
+    for m in bns:
+        m.momentum = 0.1
+    return encoder.eval()
+
+
+def finetune(model, train_images, ytr, test_images, yte, classes, size, mean, std, args, device, desc, lr):
+    """Train encoder + a linear head with labels (random crop and flip, Nesterov SGD, cosine decay, as the paper's
+    appendix B.5 without its LARS); top-1 on the evaluation images after every epoch."""
     torch.manual_seed(args.seed)
     encoder = copy.deepcopy(model.encoder).to(device).train()
     head = torch.nn.Linear(model.feat_dim, classes).to(device)
     net = torch.nn.Sequential(encoder, head).to(memory_format=torch.channels_last)
     batch = min(args.batch_size, len(ytr))
     steps = max(1, len(ytr) // batch)
-    lr = args.finetune_lr * batch / 256
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([dict(params=decay, weight_decay=5e-4), dict(params=rest, weight_decay=0.0)], lr=lr,
-                          momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD([dict(params=decay, weight_decay=args.finetune_weight_decay),
+                           dict(params=rest, weight_decay=0.0)], lr=lr * batch / 256, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.finetune_epochs * steps)
-    aug = BatchAugment(size, crop_scale=(0.25, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+    aug = BatchAugment(size, crop_scale=args.finetune_crop_scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
                        mean=mean.tolist(), std=std.tolist()).to(device)
     gen = torch.Generator().manual_seed(args.seed)
     dtype = amp_dtype(args.amp, device)
@@ -359,7 +395,7 @@ def topk(logits, y, k):
 
 # ------------------------------------------------------------------------------------------------- plots
 
-def plot_results(results, out, dataset):
+def plot_results(results, out, dataset, split="test"):
     """ablation_DATASET.png: fine-tuning test accuracy per epoch, per encoder and label fraction;
     label_fractions_DATASET.png: accuracy against the label fraction, per encoder and protocol."""
     import matplotlib
@@ -372,14 +408,15 @@ def plot_results(results, out, dataset):
         fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.8), squeeze=False)
         for ax, f in zip(axes[0], fractions):
             for r in (r for r in curves if r["label_fraction"] == f):
-                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=f"{r['encoder']} init")
-            ax.set(xlabel="fine-tuning epoch", ylabel="test top-1 (%)",
+                lr = f", lr {r['lr']:g}" if len({x.get("lr") for x in curves}) > 1 else ""
+                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=f"{r['encoder']} init{lr}")
+            ax.set(xlabel="fine-tuning epoch", ylabel=f"{split} top-1 (%)",
                    title=f"{dataset}: fine-tuning on {f:.0%} of the labels")
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        paths.append(os.path.join(out, f"ablation_{dataset}.png"))
+        paths.append(os.path.join(out, f"ablation_{dataset}{'_val' if split == 'val' else ''}.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     fractions = sorted({r["label_fraction"] for r in results})
@@ -388,11 +425,11 @@ def plot_results(results, out, dataset):
         for key in sorted({(r["encoder"], r["protocol"]) for r in results}):
             rows = sorted((r for r in results if (r["encoder"], r["protocol"]) == key), key=lambda r: r["label_fraction"])
             ax.plot([r["label_fraction"] for r in rows], [r["top1"] for r in rows], marker="o", label=" ".join(key))
-        ax.set(xscale="log", xlabel="fraction of training labels", ylabel="test top-1 (%)", title=dataset)
+        ax.set(xscale="log", xlabel="fraction of training labels", ylabel=f"{split} top-1 (%)", title=dataset)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(os.path.join(out, f"label_fractions_{dataset}.png"))
+        paths.append(os.path.join(out, f"label_fractions_{dataset}{'_val' if split == 'val' else ''}.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
@@ -412,86 +449,35 @@ def main(args):
     out = args.output_dir or (os.path.dirname(os.path.abspath(args.ckpt[0])) if args.ckpt else os.path.join("runs", "eval"))
     make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")  # now, not after the evaluation
     first = encoders[0][2]
-    dataset = args.dataset or first["dataset"]
-    data_dir = args.data_dir or (first.get("data_dir") if dataset == first.get("dataset") else None)
-    size = args.image_size or first.get("image_size") or DATASETS[dataset]["size"]
-    info = DATASETS[dataset]
-    mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
-    try:
-        train_set = get_dataset(dataset, data_dir, "train", download=args.download)
-        test_set = get_dataset(dataset, data_dir, "test", download=args.download)
-    except DatasetError as e:
-        die(str(e))
-    train_images, ytr = uint8_images(train_set, size)
-    test_images, yte = uint8_images(test_set, size)
-    pick_tr = random_subset(len(ytr), args.max_train_samples, args.seed)
-    pick_te = random_subset(len(yte), args.max_test_samples, args.seed)
-    train_images, ytr, test_images, yte = train_images[pick_tr], ytr[pick_tr], test_images[pick_te], yte[pick_te]
-    classes = info["num_classes"] or int(max(ytr.max(), yte.max())) + 1
-    subsets = {f: balanced_subset(ytr, f, args.seed) for f in args.label_fraction + args.finetune_label_fraction}
-
+    data = load_data(args, first, device)
     results = []
     for name, model, _ in encoders:
         if model is not None:
             model = model.to(device, memory_format=torch.channels_last)
+        if name == "random":
+            fit_bn_statistics(model.encoder, data["train_images"], data["size"], data["mean"], data["std"], device, dtype)
         if {"linear", "knn"} & set(args.protocol):
-            encoder = None
-            if model is not None:
-                encoder = model.encoder.eval()
-                for p in encoder.parameters():
-                    p.requires_grad_(False)
-                before = {k: v.clone() for k, v in encoder.state_dict().items()}
-            t_feat = time.time()
-            xtr = extract_features(encoder, train_images, size, mean, std, device, desc=f"{name} train features",
-                                   dtype=dtype)
-            xte = extract_features(encoder, test_images, size, mean, std, device, desc=f"{name} test features",
-                                   dtype=dtype)
-            if encoder is not None:  # the frozen encoder is bit-identical, BN statistics included (moco's check)
-                after = encoder.state_dict()
-                assert not encoder.training and all(torch.equal(before[k], after[k]) for k in before), "encoder changed"
-            xtr, xte = xtr.to(device), xte.to(device)
-            print(f"{name}: features of {len(xtr)} + {len(xte)} images in {time.time() - t_feat:.0f} s")
-            for f in args.label_fraction:
-                idx, t1 = subsets[f], time.time()
-                if "linear" in args.protocol:
-                    logits, wd = linear_probe(xtr[idx], ytr[idx].to(device), xte, classes, args)  # no test labels
-                    results.append(dict(encoder=name, protocol="linear", label_fraction=f, top1=topk(logits, yte, 1),
-                                        top5=topk(logits, yte, 5), weight_decay=wd, train_samples=len(idx),
-                                        seconds=round(time.time() - t1, 1)))
-                t1 = time.time()
-                if "knn" in args.protocol:
-                    logits = knn_predict(xtr[idx], ytr[idx].to(device), xte, classes, args.knn_k, args.knn_t)
-                    results.append(dict(encoder=name, protocol="knn", label_fraction=f, top1=topk(logits, yte, 1),
-                                        top5=topk(logits, yte, 5), train_samples=len(idx),
-                                        seconds=round(time.time() - t1, 1)))
-            if model is not None:
-                for p in model.encoder.parameters():
-                    p.requires_grad_(True)
+            results += frozen_protocols(name, model, data, args, device, dtype)
         if "finetune" in args.protocol and model is not None:
-            for f in args.finetune_label_fraction:
-                idx, t1 = subsets[f], time.time()
-                curve, logits = finetune(model, train_images[idx], ytr[idx], test_images, yte, classes, size, mean,
-                                         std, args, device, desc=f"finetune {name} {f:g}")
-                results.append(dict(encoder=name, protocol="finetune", label_fraction=f, top1=curve[-1],
-                                    top5=topk(logits, yte, 5), curve=curve, train_samples=len(idx),
-                                    seconds=round(time.time() - t1, 1)))
+            results += finetune_protocol(name, model, data, args, device)
 
-    plots = plot_results(results, out, dataset)
+    dataset, split = data["dataset"], args.eval_on
+    plots = plot_results(results, out, dataset, split)
     eval_seconds = time.time() - t0
     pretrain_seconds = first.get("train_seconds", 0.0)
-    print_table(results, dataset)
+    print_table(results, dataset, split)
     head = results[0] if results else {}
     summary = {"top1": head.get("top1"), "top5": head.get("top5"), "ckpt": args.ckpt[0] if args.ckpt else None,
-               "dataset": dataset, "protocols": args.protocol, "label_fractions": args.label_fraction,
-               "train_samples": len(ytr), "test_samples": len(yte), "image_size": size}
+               "dataset": dataset, "eval_on": split, "protocols": args.protocol, "label_fractions": args.label_fraction,
+               "train_samples": len(data["ytr"]), "test_samples": len(data["yev"]), "image_size": data["size"]}
     main_f = 1.0 if 1.0 in args.label_fraction else args.label_fraction[0]
     for r in results:  # simclr_top1, random_top1, pixels_top1, ... of the first protocol at all labels
-        if r["protocol"] == args.protocol[0] and r["label_fraction"] == main_f:
+        if r["protocol"] == args.protocol[0] and r["label_fraction"] == main_f and f"{r['encoder']}_top1" not in summary:
             summary[f"{r['encoder']}_top1"] = r["top1"]
     summary.update(results=results, plots=plots, pretrain_seconds=round(pretrain_seconds, 1),
                    eval_seconds=round(eval_seconds, 1), seconds=round(
                        time.time() - args.wall_start if args.wall_start else pretrain_seconds + eval_seconds, 1))
-    path = os.path.join(out, f"eval_{dataset}.json")
+    path = os.path.join(out, f"eval_{dataset}{'_val' if split == 'val' else ''}.json")
     save_json(path, summary)
     print(f"{dataset}: pretraining {pretrain_seconds:.0f} s + evaluation {eval_seconds:.0f} s"
           + (f", {summary['seconds']:.0f} s of wall time in all" if args.wall_start else "")
@@ -500,15 +486,95 @@ def main(args):
     return summary
 
 
-def print_table(results, dataset):
+def load_data(args, first, device):
+    """The training images and labels, and the images the results are reported on: the test split, or with
+    --eval-on val a class-balanced part of the training split held out (then the test split is never read)."""
+    dataset = args.dataset or first["dataset"]
+    data_dir = args.data_dir or (first.get("data_dir") if dataset == first.get("dataset") else None)
+    size = args.image_size or first.get("image_size") or DATASETS[dataset]["size"]
+    info = DATASETS[dataset]
+    try:
+        train_set = get_dataset(dataset, data_dir, "train", download=args.download)
+        eval_set = get_dataset(dataset, data_dir, "test", download=args.download) if args.eval_on == "test" else None
+    except DatasetError as e:
+        die(str(e))
+    train_images, ytr = uint8_images(train_set, size)
+    if eval_set is None:
+        val = balanced_subset(ytr, args.val_fraction, args.val_seed)
+        rest = torch.ones(len(ytr), dtype=torch.bool)
+        rest[val] = False
+        (eval_images, yev), (train_images, ytr) = (train_images[val], ytr[val]), (train_images[rest], ytr[rest])
+    else:
+        eval_images, yev = uint8_images(eval_set, size)
+    pick_tr = random_subset(len(ytr), args.max_train_samples, args.seed)
+    pick_ev = random_subset(len(yev), args.max_test_samples, args.seed)
+    classes = info["num_classes"] or int(max(ytr.max(), yev.max())) + 1
+    fractions = args.label_fraction + args.finetune_label_fraction
+    return dict(dataset=dataset, size=size, classes=classes, train_images=train_images[pick_tr], ytr=ytr[pick_tr],
+                eval_images=eval_images[pick_ev], yev=yev[pick_ev],
+                mean=torch.tensor(info["mean"], device=device), std=torch.tensor(info["std"], device=device),
+                subsets={f: balanced_subset(ytr[pick_tr], f, args.seed) for f in fractions})
+
+
+def frozen_protocols(name, model, data, args, device, dtype):
+    """linear and knn on frozen features (None model: the pixels), at every --label-fraction."""
+    encoder = None
+    if model is not None:
+        encoder = model.encoder.eval()
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    t_feat, kw = time.time(), dict(size=data["size"], mean=data["mean"], std=data["std"], device=device, dtype=dtype)
+    xtr = extract_features(encoder, data["train_images"], desc=f"{name} train features", **kw)
+    xev = extract_features(encoder, data["eval_images"], desc=f"{name} {args.eval_on} features", **kw)
+    if encoder is not None:  # the frozen encoder is bit-identical, BN statistics included (moco's check)
+        after = encoder.state_dict()
+        assert not encoder.training and all(torch.equal(before[k], after[k]) for k in before), "encoder changed"
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+    xtr, xev, ytr, yev = xtr.to(device), xev.to(device), data["ytr"].to(device), data["yev"]
+    print(f"{name}: features of {len(xtr)} + {len(xev)} images in {time.time() - t_feat:.0f} s")
+    rows = []
+    for f in args.label_fraction:
+        idx, row = data["subsets"][f], dict(encoder=name, label_fraction=f, split=args.eval_on)
+        if "linear" in args.protocol:
+            t1 = time.time()
+            logits, wd = linear_probe(xtr[idx], ytr[idx], xev, data["classes"], args)  # never sees eval labels
+            rows.append(dict(row, protocol="linear", top1=topk(logits, yev, 1), top5=topk(logits, yev, 5),
+                             weight_decay=wd, train_samples=len(idx), seconds=round(time.time() - t1, 1)))
+        if "knn" in args.protocol:
+            t1 = time.time()
+            logits = knn_predict(xtr[idx], ytr[idx], xev, data["classes"], args.knn_k, args.knn_t)
+            rows.append(dict(row, protocol="knn", top1=topk(logits, yev, 1), top5=topk(logits, yev, 5),
+                             train_samples=len(idx), seconds=round(time.time() - t1, 1)))
+    return rows
+
+
+def finetune_protocol(name, model, data, args, device):
+    """finetune at every --finetune-label-fraction and rate (the random-init network's own rates)."""
+    rows = []
+    lrs = args.finetune_lr_random if name == "random" and args.finetune_lr_random else args.finetune_lr
+    for f in args.finetune_label_fraction:
+        for lr in lrs:
+            idx, t1 = data["subsets"][f], time.time()
+            curve, logits = finetune(model, data["train_images"][idx], data["ytr"][idx], data["eval_images"],
+                                     data["yev"], data["classes"], data["size"], data["mean"], data["std"], args,
+                                     device, desc=f"finetune {name} {f:g} lr {lr:g}", lr=lr)
+            rows.append(dict(encoder=name, protocol="finetune", label_fraction=f, split=args.eval_on, lr=lr,
+                             top1=curve[-1], top5=topk(logits, data["yev"], 5), curve=curve, train_samples=len(idx),
+                             seconds=round(time.time() - t1, 1)))
+    return rows
+
+
+def print_table(results, dataset, split="test"):
     if not results:
         return
-    rows = [(r["encoder"], r["protocol"], f"{r['label_fraction']:g}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
-            for r in results]
+    rows = [(r["encoder"], r["protocol"] + (f" lr {r['lr']:g}" if "lr" in r else ""), f"{r['label_fraction']:g}",
+             f"{r['top1']:.2f}", f"{r['top5']:.2f}") for r in results]
     head = ("encoder", "protocol", "labels", "top-1 %", "top-5 %")
     widths = [max(len(x[i]) for x in rows + [head]) for i in range(5)]
     line = lambda x: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(x, widths)))  # noqa
-    print(f"\n{dataset} test set")
+    print(f"\n{dataset} {'test set' if split == 'test' else 'validation images (held out of the training split)'}")
     print(line(head))
     for r in rows:
         print(line(r))

@@ -32,15 +32,16 @@ def _scaled(channels, width):
     return channels if channels == 3 else max(1, round(channels * width))  # the RGB input keeps 3
 
 
-def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1):
-    """A torchvision ResNet with `fc = nn.Identity()`; returns (encoder, feature dim). The last BN of each
-    residual block starts at zero, as in the official SimCLR ResNet (init_zero). stem_stride 2 makes the small
-    stem a 3x3 stride-2 conv: a quarter of the compute on 28-32 px images, for CPU runs."""
+def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1, zero_init_residual=True):
+    """A torchvision ResNet with `fc = nn.Identity()`; returns (encoder, feature dim). With zero_init_residual the
+    last BN of each residual block starts at zero, as in the official SimCLR ResNet (init_zero): every block starts
+    as the identity, which suits training but makes an untrained network's residual branches output nothing.
+    stem_stride 2 makes the small stem a 3x3 stride-2 conv: a quarter of the compute on 28-32 px images."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if not width > 0:
         raise ValueError(f"width multiplier must be positive, got {width}")
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
     if cifar_stem:  # small images: 3x3 stride-1 conv and no max-pool (paper, appendix B.9)
@@ -49,7 +50,7 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1):
     if width != 1.0:
         scale_width(net, width)
         feat_dim = _scaled(feat_dim, width)
-        for m in net.modules():  # the new BNs start at one: zero the last BN of each block again
+        for m in net.modules() if zero_init_residual else ():  # the new BNs start at one: zero the last BN of each block again
             if isinstance(m, torchvision.models.resnet.Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
             elif isinstance(m, torchvision.models.resnet.BasicBlock):
@@ -58,32 +59,47 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1):
 
 
 class ProjectionHead(nn.Module):
-    """g(h) = W2 ReLU(BN(W1 h)). The paper's formula has no BN; its official code puts BN after the hidden
-    linear layer, which keeps the head well conditioned under LARS and large batches, and with global
-    (Sync)BN it sees the statistics of the whole batch. W1 has no bias since BN removes it."""
+    """g(h), as the official code builds it (google-research/simclr, model_util.projection_head): `layers` linear
+    layers, each but the last followed by BN and ReLU; the output layer has no bias and, with out_bn, a BN with a
+    scale but no shift (center=False). layers 2 is SimCLR's head, 3 is SimCLRv2's. out_bn=False is the paper's
+    formula W2 ReLU(BN(W1 h)) + b2, the layout of this repo's checkpoints before out_bn existed. A linear layer
+    followed by BN has no bias: BN removes it."""
 
-    def __init__(self, in_dim, proj_dim=128, hidden_dim=None):
+    def __init__(self, in_dim, proj_dim=128, hidden_dim=None, layers=2, out_bn=True):
         super().__init__()
-        hidden_dim = hidden_dim or in_dim
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, proj_dim),
-        )
+        dims = [in_dim] + [hidden_dim or in_dim] * (layers - 1) + [proj_dim]
+        mods = []
+        for i in range(layers):
+            last = i == layers - 1
+            mods.append(nn.Linear(dims[i], dims[i + 1], bias=last and not out_bn))
+            if not last:
+                mods += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+        if out_bn:
+            mods.append(nn.BatchNorm1d(proj_dim, affine=False))
+        self.net = nn.Sequential(*mods)
+        self.scale = nn.Parameter(torch.ones(proj_dim)) if out_bn else None  # the output BN's gamma (no beta)
 
     def forward(self, h):
-        return self.net(h)
+        z = self.net(h)  # (B, proj_dim)
+        return z if self.scale is None else z * self.scale
 
 
 class SimCLR(nn.Module):
     """forward(x) -> (h, z): h = f(x) the encoder features (512 for resnet18, 2048 for resnet50, times the
     width multiplier), z = g(h) the projection that the NT-Xent loss sees. Keep h for downstream tasks."""
 
-    def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None, stem_stride=1):
+    def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None, stem_stride=1,
+                 proj_layers=2, proj_out_bn=True, zero_init_residual=True):
         super().__init__()
-        self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width, stem_stride)
-        self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim)
+        self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width, stem_stride, zero_init_residual)
+        self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim, proj_layers, proj_out_bn)
+
+    @classmethod
+    def from_args(cls, a, **kwargs):
+        """The network of a train.py checkpoint's args (ckpt["args"]); checkpoints older than a flag get the
+        layout they were trained with."""
+        return cls(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1),
+                   proj_layers=a.get("proj_layers", 2), proj_out_bn=a.get("proj_out_bn", False), **kwargs)
 
     def forward(self, x):
         h = self.encoder(x)  # (B, feat_dim)

@@ -3,6 +3,7 @@ the NT-Xent loss, LARS with warmup and cosine decay, in one hand-written AMP loo
 `python train.py` and as `torchrun --nproc_per_node K train.py` (DDP, negatives from every rank).
 """
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -66,6 +67,11 @@ def get_args_parser():
                    help="stride of the small stem's 3x3 conv; 2 quarters the compute at 28-32 px (default: %(default)s)")
     g.add_argument("--proj-dim", type=positive_int, default=128,
                    help="output size of the projection head (default: %(default)s)")
+    g.add_argument("--proj-layers", type=int, default=2, choices=(2, 3),
+                   help="linear layers of the projection head: 2 is SimCLR's, 3 SimCLRv2's (default: %(default)s)")
+    g.add_argument("--proj-out-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="BN (scale, no shift) on the head's output, no bias: the official code's head; off: the "
+                        "paper's formula, a bias and no BN (default: %(default)s)")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="BN over the batch of all ranks, the paper's global BN (default: on when world > 1)")
 
@@ -92,6 +98,11 @@ def get_args_parser():
     g.add_argument("--batch-size", type=at_least(2), default=512,
                    help="global batch N over all ranks, at least 2: each image needs others as negatives "
                         "(default: %(default)s; the paper's best is 4096)")
+    g.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="images per forward pass on each rank, a divisor of the rank's batch: the exact loss and "
+                        "gradients of the whole batch by gradient caching (Gao et al. 2021), one extra forward, the "
+                        "memory of this many images; BN normalises each micro-batch, as each GPU of DDP without "
+                        "--sync-bn does (default: the whole batch)")
     g.add_argument("--epochs", type=positive_int, default=100, help="(default: %(default)s, the paper's ablations)")
     g.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many steps, the schedule fitted to them (default: %(default)s: --epochs)")
@@ -158,6 +169,11 @@ def resolve_args(args, world_size=1):
         args.sync_bn = world_size > 1
     if args.batch_size % world_size:
         die(f"--batch-size {args.batch_size} does not divide over {world_size} ranks: use a multiple of {world_size}")
+    per_rank, m = args.batch_size // world_size, args.micro_batch
+    if m and per_rank % m:
+        fit = max(d for d in range(1, min(m, per_rank) + 1) if per_rank % d == 0)
+        die(f"--micro-batch {m} {'is larger than' if m > per_rank else 'does not divide'} the {per_rank} images per "
+            f"rank (--batch-size {args.batch_size} / {world_size} ranks): use a divisor of {per_rank}, such as {fit}")
     return args
 
 
@@ -169,7 +185,8 @@ def main(args):
         train(args, rank, world, device)
     except torch.OutOfMemoryError:
         die(f"out of memory on {device} with --batch-size {args.batch_size} ({args.batch_size // world} per rank): "
-            "use a smaller --batch-size (the learning rate scales with it), or more GPUs", every_rank=True)
+            f"use {'a smaller ' if args.micro_batch else ''}--micro-batch (the same step with the memory of fewer "
+            "images), a smaller --batch-size (the learning rate scales with it), or more GPUs", every_rank=True)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keeping the last checkpoint
         out = args.output_dir or os.path.join("runs", args.dataset)
         print(f"\ninterrupted; {os.path.join(out, 'last.pt')} holds the last checkpoint: rerun the same "
@@ -195,7 +212,10 @@ def train(args, rank, world, device):
         die(f"--batch-size {args.batch_size} is larger than the {len(base)} images of {args.dataset} "
             f"{args.split}: with drop_last nothing would train; use at most {len(base)}")
 
-    views = build_views(base, args, rank, world, device)
+    try:
+        views = build_views(base, args, rank, world, device)
+    except DatasetError as e:  # e.g. a folder too large to hold in memory
+        die(str(e), every_rank=True)
     total_steps = min(args.epochs * views.steps_per_epoch, args.max_steps or math.inf)
     # the schedule spans the run that happens: a run cut by --max-steps gets a proportionally shorter warmup
     warmup_steps = min(total_steps, round(args.warmup_epochs * total_steps / args.epochs))
@@ -238,7 +258,7 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
             window.append(train_step(net, x, run.optimizer, run.scaler, dtype, args.temperature, args.channels_last,
-                                     run.probe, y))
+                                     run.probe, y, args.micro_batch))
             step, n_log = step + 1, n_log + args.batch_size
             bar.update()
             end_of_epoch = step % views.steps_per_epoch == 0 or step == total_steps
@@ -295,21 +315,56 @@ def batches(views, step, total_steps):
             step += 1
 
 
-def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True, probe=None, labels=None):
-    """One optimiser step on (2n, 3, S, S) views; returns the detached loss (no host sync)."""
-    n = views.shape[0] // 2
-    if channels_last:
-        views = views.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(views.device.type, dtype=dtype, enabled=dtype is not None):
-        h, z = net(views)  # (2n, feat_dim), (2n, proj_dim)
-    loss = nt_xent(z[:n], z[n:], temperature)
+def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True, probe=None, labels=None,
+               micro_batch=None):
+    """One optimiser step on (2n, 3, S, S) views, by gradient caching when micro_batch < n; returns the detached
+    loss (no host sync)."""
+    n, fmt = views.shape[0] // 2, torch.channels_last if channels_last else torch.contiguous_format
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    # the official objective is loss_a + loss_b, twice this mean over the 2n anchors (google-research/simclr,
+    # objective.py): LARS's weight steps see it through g + wd w, and biases and BN take the official step
+    if micro_batch and micro_batch < n:
+        loss, h = cached_backward(net, views, scaler, dtype, temperature, micro_batch, fmt)
+    else:
+        with torch.autocast(views.device.type, dtype=dtype, enabled=dtype is not None):
+            h, z = net(views.contiguous(memory_format=fmt))  # (2n, feat_dim), (2n, proj_dim)
+        loss = nt_xent(z[:n], z[n:], temperature)
+        scaler.scale(2 * loss).backward()
     scaler.step(optimizer)  # unscales first: LARS sees the true gradients
     scaler.update()
     if probe is not None:
         probe.step(h.detach(), torch.cat([labels, labels]))
     return loss.detach()
+
+
+def cached_backward(net, views, scaler, dtype, temperature, m, fmt=torch.contiguous_format):
+    """Gradient caching (Gao et al. 2021, arXiv 2101.06983): the scaled gradients of 2 x NT-Xent over all 2n views
+    in .grad, with the activations of m images at a time. A micro-batch holds both views of its images (rows
+    [i, i+m) and [n+i, n+i+m)), so that its BN sees both, as a DDP rank's does. -> (loss, h without a graph)"""
+    n, k = views.shape[0] // 2, views.shape[0] // (2 * m)
+    starts = range(0, n, m)
+    # (2m, 3, S, S), one micro-batch at a time: a channels-last copy of the whole batch would hold 2n images
+    part = lambda i: torch.cat([views[i:i + m], views[n + i:n + i + m]]).contiguous(memory_format=fmt)  # noqa: E731
+    autocast = partial(torch.autocast, views.device.type, dtype=dtype, enabled=dtype is not None)
+    # 1. z without a graph; BN running statistics and the RNG are put back, so that pass 3 updates the statistics
+    # once per micro-batch and draws what pass 1 drew
+    buffers, saved = list(net.buffers()), [b.clone() for b in net.buffers()]
+    with torch.no_grad(), torch.random.fork_rng([views.device] if views.device.type == "cuda" else []), autocast():
+        hs, zs = zip(*(net(part(i)) for i in starts))
+    torch._foreach_copy_(buffers, saved)
+    # 2. the loss over the whole batch (nt_xent gathers the other ranks' z) and its gradient at z, scaled for fp16
+    zc = torch.cat(zs).requires_grad_()  # (2n, d), micro-batch after micro-batch, each [view 1; view 2]
+    z = zc.view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, d) in the rows of `views`
+    loss = nt_xent(z[:n], z[n:], temperature)
+    grad, = torch.autograd.grad(scaler.scale(2 * loss), zc)  # (2n, d), micro-batch order
+    # 3. each micro-batch again with its graph, its slice of dL/dz backpropagated; DDP reduces after the last only
+    ddp = next((mod for mod in net.modules() if isinstance(mod, nn.parallel.DistributedDataParallel)), None)
+    for j, (i, g) in enumerate(zip(starts, grad.split(2 * m))):
+        with ddp.no_sync() if ddp is not None and j < k - 1 else contextlib.nullcontext():
+            with autocast():
+                _, z_part = net(part(i))  # (2m, d)
+            torch.autograd.backward(z_part, g)
+    return loss, torch.cat(hs).view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, feat_dim)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -357,7 +412,7 @@ def build_views(base, args, rank, world, device):
 # ------------------------------------------------------------------------------------------ model and optimiser
 
 def build_model(args, world, device):
-    model = SimCLR(args.arch, args.proj_dim, args.cifar_stem, args.width, stem_stride=args.stem_stride)
+    model = SimCLR.from_args(vars(args))
     if world > 1 and args.sync_bn:  # global BN: statistics of the whole batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_global_bn(model)
     return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -388,9 +443,10 @@ def lr_at(step, peak_lr, warmup_steps, total_steps):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as SimCLR uses it: SGD with momentum where each layer's update is scaled by the
-    trust ratio eta * ||w|| / ||g + wd * w||. Param groups with lars=False (biases, BN) get neither weight
-    decay nor the trust ratio. The step uses foreach kernels: one launch per op for all the layers."""
+    """LARS (You et al. 2017) as the official SimCLR code has it (lars_optimizer.py): g = grad + wd w, trust ratio
+    eta ||w|| / ||g||, then classic momentum with the rate inside the buffer, v = m v + lr trust g, w -= v (the
+    rate's changes in warmup and decay apply to new gradients only). Param groups with lars=False (biases, BN)
+    get neither weight decay nor the trust ratio. Foreach kernels: one launch per op for all the layers."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -409,15 +465,13 @@ class LARS(torch.optim.Optimizer):
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
                                     torch.ones_like(w_norm))
                 torch._foreach_mul_(grads, list(trust.unbind()))
-            bufs = []
             for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            torch._foreach_add_(bufs, grads, alpha=group["lr"])  # v = m v + lr trust g
+            torch._foreach_sub_(params, bufs)  # w -= v
 
 
 # ------------------------------------------------------------------------------------------ checkpoints and logs
