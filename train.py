@@ -272,9 +272,10 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
                     row["probe_top1"] = run.probe.accuracy(world)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{row['img_s']:.0f}")
                 run.log(row)
-                window = []
+                window, t_log, n_log = [], time.time(), 0
             epoch_due = end_of_epoch and ((epoch + 1) % args.save_every_epochs == 0 or step == total_steps)
-            if epoch_due or (args.save_every and step % args.save_every == 0) or stopping:
+            saving = epoch_due or (args.save_every and step % args.save_every == 0) or stopping
+            if saving:
                 run.check_finite(window, step)
                 run.save(step)
             if end_of_epoch:
@@ -289,7 +290,7 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
                 if run.main:
                     tqdm.write(f"epoch {epoch} done: step {step}/{total_steps}, mean loss {mean:.4f}{saved}")
                 epoch_losses = []
-            if epoch_due or stopping:  # the logged img/s counts training, not checkpoints and monitors
+            if saving or end_of_epoch:  # the logged img/s counts training, not checkpoints and monitors
                 t_log, n_log = time.time(), 0
             if stopping:
                 if run.main:

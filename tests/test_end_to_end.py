@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -97,3 +98,21 @@ def test_readme_snippets_load_a_checkpoint(tmp_path, no_md5, monkeypatch, stem_s
     assert scope["features"].shape == (2, 512)
     exec(second, scope)
     torch.testing.assert_close(scope["h"], scope["features"])
+
+
+def test_logged_img_s_is_the_rate_of_each_window(tmp_path, no_md5, monkeypatch):
+    """Each metrics line's img/s counts the steps since the previous line only: with steps that get slower, a
+    cumulative rate would stay above the last window's."""
+    write_cifar(tmp_path / "data", n_train=40, n_test=20)
+    real, calls = train.train_step, []
+
+    def slower(*a, **k):
+        calls.append(1)
+        time.sleep(0.1 * len(calls))  # step k takes 0.1 k s more
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_step", slower)
+    out = tmp_path / "run"
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--max-steps", "4",
+                      "--epochs", "2"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "img_s" in line]
+    assert len(rows) == 4 and rows[-1]["img_s"] < 16 / 0.4  # the 4th step alone: 16 images in >= 0.4 s
