@@ -3,15 +3,22 @@ loss, the model step on ready views and the full training step. Prints a table a
 
     python bench.py                      # CPU, under 3 minutes
     python bench.py --device cuda        # GPU: also the achieved TFLOP/s of the model step
+    python bench.py --memory             # peak memory of a step, plain vs --micro-batch (gradient caching)
 """
 import argparse
+import ctypes
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -41,6 +48,14 @@ def get_args_parser():
     p.add_argument("--aug-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile BatchAugment's kernels (default: as train.py, on for the CPU)")
     p.add_argument("--out", default="bench.json", help="(default: %(default)s)")
+    g = p.add_argument_group("gradient caching (--memory)")
+    g.add_argument("--memory", action="store_true",
+                   help="instead of the table above: the peak memory of one training step, plain at --plain-batches "
+                        "and with --micro-batch at --cached-batches, each in a fresh process; then the time per image "
+                        "of both at --batch-size (default 256 here) with micro-batches of a quarter of it")
+    g.add_argument("--micro-batch", type=int, default=256, help="(default: %(default)s)")
+    g.add_argument("--plain-batches", type=int, nargs="+", default=[256, 512, 1024], help="(default: %(default)s)")
+    g.add_argument("--cached-batches", type=int, nargs="+", default=[1024, 4096], help="(default: %(default)s)")
     return p
 
 
@@ -107,6 +122,8 @@ def bench_loss(device, reps):
 
 
 def main(args):
+    if args.memory:
+        return bench_memory(args)
     device = check_device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (512 if cuda else 64)
@@ -131,14 +148,8 @@ def main(args):
     res["loss_ms"] = {"2N=512": loss_ms[512], "2N=4096": loss_ms[4096]}
 
     # model only: forward + backward + optimiser on views that are ready on the device
-    targs = resolve_args(train_args().parse_args(["--arch", args.arch, "--width", str(args.width), "--device", args.device,
-                                                  "--image-size", str(args.image_size)]))  # train.py's defaults
-    targs.channels_last = args.channels_last
-    model = build_model(targs, 1, device)
+    model, opt, scaler, dtype = step_setup(args, device)
     net = torch.compile(model) if args.compile else model
-    opt = build_optimizer(model, targs, 0.1)
-    dtype = amp_dtype(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     views = torch.randn(2 * batch, 3, args.image_size, args.image_size, device=device)
     model_s = timed(lambda: train_step(net, views, opt, scaler, dtype, 0.5, args.channels_last), steps, device, 2)
     res["model_only_img_s"] = batch / model_s
@@ -193,6 +204,103 @@ def main(args):
         json.dump(res, f, indent=1)
     print(f"wrote {args.out}")
     return res
+
+
+# ------------------------------------------------------------------------------------------------ gradient caching
+
+def bench_memory(args):
+    """Peak memory of one step, plain and with --micro-batch, each in a fresh process, the peak of the plain step
+    at the largest cached batch extrapolated by a line through the plain ones; then time per image of both."""
+    device = check_device(args.device)
+    ctx = multiprocessing.get_context("spawn")  # a fresh process per step: no allocator cache, no earlier peak
+    runs = [(b, None) for b in args.plain_batches] + [(b, args.micro_batch) for b in args.cached_batches]
+    res = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device)
+           if device.type == "cuda" else cpu_name(), "torch": torch.__version__, "arch": args.arch, "width": args.width,
+           "image_size": args.image_size, "amp": args.amp, "micro_batch": args.micro_batch, "peak_mib": {}}
+    print(f"peak memory of one step on {res['device']}, {args.arch} x{args.width} at {args.image_size} px, amp "
+          f"{args.amp}, above the process with its model and optimiser built (views included)")
+    for batch, micro in runs:
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            try:
+                mib = pool.submit(step_memory, args, batch, micro).result()
+            except BrokenProcessPool:  # killed, by the kernel's out-of-memory killer most likely
+                mib = None
+        res["peak_mib"][f"{batch}/{micro or batch}"] = mib
+        print(f"  batch {batch:>5}, micro-batch {micro or batch:>5}: " + (f"{mib:8.0f} MiB" if mib else "killed"),
+              flush=True)
+    plain = [(b, res["peak_mib"][f"{b}/{b}"]) for b in args.plain_batches if res["peak_mib"][f"{b}/{b}"]]
+    slope, icpt = np.polyfit(*zip(*plain), 1) if len(plain) > 1 else (plain[0][1] / plain[0][0], 0.0)  # MiB/img, MiB
+    big = max(args.cached_batches)
+    res["plain_mib_per_image"], res["plain_extrapolated_mib"] = slope, icpt + slope * big
+    res["extrapolated_over_cached"] = res["plain_extrapolated_mib"] / res["peak_mib"][f"{big}/{args.micro_batch}"]
+    print(f"  plain, extrapolated to batch {big}: {res['plain_extrapolated_mib']:.0f} MiB ({slope:.2f} MiB per image)"
+          f", {res['extrapolated_over_cached']:.1f}x the step with micro-batches of {args.micro_batch}")
+
+    batch = args.batch_size or 256
+    torch.manual_seed(0)
+    model, opt, scaler, dtype = step_setup(args, device)
+    views = torch.randn(2 * batch, 3, args.image_size, args.image_size, device=device)
+    steps = {k: partial(train_step, model, views, opt, scaler, dtype, 0.5, args.channels_last, micro_batch=m)
+             for k, m in (("plain", None), ("cached", batch // 4))}
+    times = {k: [] for k in steps}
+    for _ in range(args.steps or 3):  # interleaved, and the fastest of each: other jobs on a shared machine only slow
+        for k, fn in steps.items():
+            times[k].append(timed(fn, 1, device, warmup=0 if times[k] else 1))
+    for k, t in times.items():
+        res[f"ms_per_image_{k}"] = min(t) / batch * 1e3
+    res["time_batch"], res["cached_over_plain_time"] = batch, res["ms_per_image_cached"] / res["ms_per_image_plain"]
+    print(f"time per image at batch {batch}: plain {res['ms_per_image_plain']:.2f} ms, micro-batches of {batch // 4} "
+          f"{res['ms_per_image_cached']:.2f} ms, {res['cached_over_plain_time']:.2f}x")
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.out}")
+    return res
+
+
+def step_setup(args, device):
+    """train.py's model, optimiser and scaler at its defaults, at the bench's arch, width and image size."""
+    targs = resolve_args(train_args().parse_args(["--arch", args.arch, "--width", str(args.width), "--device",
+                                                  args.device, "--image-size", str(args.image_size)]))
+    targs.channels_last = args.channels_last
+    model = build_model(targs, 1, device)
+    dtype = amp_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return model, build_optimizer(model, targs, 0.1), scaler, dtype
+
+
+def step_memory(args, batch, micro):
+    """In a fresh process: MiB that one training step (its views included) adds at its peak to the process with the
+    model and optimiser built: CUDA's peak allocation, or the CPU's peak resident set (VmHWM, reset first)."""
+    device = check_device(args.device)
+    if device.type == "cpu":  # glibc keeps freed blocks in its arenas: the resident set would measure fragmentation
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are unmapped when freed
+    torch.manual_seed(0)
+    model, opt, scaler, dtype = step_setup(args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set starts again from the current one
+        base = proc_status("VmRSS")
+    views = torch.randn(2 * batch, 3, args.image_size, args.image_size, device=device)  # (2N, 3, S, S)
+    train_step(model, views, opt, scaler, dtype, 0.5, args.channels_last, micro_batch=micro)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status("VmHWM")
+    return (peak - base) / 2 ** 20
+
+
+def proc_status(key):
+    """Bytes of a /proc/self/status entry (VmRSS, VmHWM: the resident set now, its peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
