@@ -83,6 +83,16 @@ def write_folder(root, per_class=6, size=40, classes=("cat", "dog"), splits=("tr
     return root
 
 
+def one_line_exit_2(capsys, fn):
+    """fn() exits with code 2 and one line on stderr, "error: ...", never a traceback. -> that line"""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
 @pytest.fixture
 def no_md5(monkeypatch):
     """torchvision checks the md5 of the real STL-10/CIFAR files; the tiny ones only need to exist."""

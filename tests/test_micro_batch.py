@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import harness
 import train
-from conftest import write_idx
+from conftest import one_line_exit_2, write_idx
 from loss import nt_xent
 from model import SimCLR
 
@@ -154,15 +154,6 @@ TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", 
 
 def run(argv):
     return train.main(harness.Parser(parents=[train.get_args_parser()]).parse_args(argv))
-
-
-def one_line_exit_2(capsys, fn):
-    with pytest.raises(SystemExit) as e:
-        fn()
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture

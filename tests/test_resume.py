@@ -11,7 +11,7 @@ import torch
 import eval_linear
 import harness
 import train
-from conftest import ROOT, write_idx
+from conftest import ROOT, one_line_exit_2, write_idx
 
 TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", "--batch-size", "8", "--amp", "off",
         "--no-download", "--no-aug-compile", "--log-every", "1", "--seed", "0"]
@@ -19,15 +19,6 @@ TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", 
 
 def run(argv):
     return train.main(harness.Parser(parents=[train.get_args_parser()]).parse_args(argv))
-
-
-def one_line_exit_2(capsys, fn):
-    with pytest.raises(SystemExit) as e:
-        fn()
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 import eval_linear
 import harness
 import train
-from conftest import ROOT, write_idx
+from conftest import ROOT, one_line_exit_2, write_idx
 
 TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.25", "--batch-size", "16", "--amp", "off",
         "--no-download", "--no-aug-compile", "--log-every", "5", "--seed", "3"]
@@ -92,15 +92,6 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-
-def one_line_exit_2(capsys, fn):
-    with pytest.raises(SystemExit) as e:
-        fn()
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    return err
-
 
 def train_main(argv):
     return lambda: train.main(harness.Parser(parents=[train.get_args_parser()]).parse_args(argv))
