@@ -326,6 +326,7 @@ def fit_bn_statistics(encoder, images, size, mean, std, device, dtype, batch_siz
     """BN running statistics of `encoder` as the averages over `images` (no labels, no gradients): a forward pass in
     train mode with a cumulative moving average (momentum None), then eval mode."""
     bns = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
@@ -334,8 +335,8 @@ def fit_bn_statistics(encoder, images, size, mean, std, device, dtype, batch_siz
         x = eval_batch(images[i:i + batch_size].to(device), size, mean, std)  # (B, 3, S, S)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             encoder(x.contiguous(memory_format=torch.channels_last))
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     return encoder.eval()
 
 
