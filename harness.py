@@ -1,7 +1,5 @@
-"""The run's plumbing shared by train.py, eval_linear.py and bench.py: one-line errors and validated flags,
-devices, torchrun setup, AMP dtype, atomic checkpoint and JSON writes, checkpoint loading, RNG state, stop signals,
-JSON-lines logs and the git SHA. Nothing here knows SimCLR.
-"""
+"""The run's plumbing shared by train.py, eval_linear.py and bench.py, nothing of SimCLR: one-line errors, flag types,
+devices, torchrun, AMP dtype, atomic writes, checkpoint loading, RNG state, stop signals, JSON-lines logs, git SHA."""
 import argparse
 import json
 import os
@@ -9,15 +7,15 @@ import random
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+
 # ------------------------------------------------------------------------------------------ errors and flags
-
-
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (what is wrong, then --help), exit code 2."""
 
@@ -42,8 +40,7 @@ def checked(cast, ok, rule):
     """An argparse type: cast the text (a ValueError says 'invalid float value'), then ok(value), else the
     one-line error '--flag RULE, got TEXT'."""
     def parse(text):
-        value = cast(text)
-        if not ok(value):
+        if not ok(value := cast(text)):
             raise argparse.ArgumentTypeError(f"{rule}, got {text}")
         return value
     parse.__name__ = cast.__name__
@@ -72,7 +69,6 @@ def ordered_pair(low, high=float("inf")):
 
 
 # ------------------------------------------------------------------------------------------ devices
-
 def check_device(name):
     """The torch.device of --device, or one line saying why it cannot be used. A bare 'cuda' becomes the
     current GPU's index, so that device comparisons mean what they say."""
@@ -80,14 +76,13 @@ def check_device(name):
         device = torch.device(name)
     except RuntimeError:
         die(f"--device {name} is not a device: use cpu, cuda or cuda:K")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         die(f"--device {name}, but torch finds no CUDA GPU here: use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
+    if device.index is not None and device.index >= (n := torch.cuda.device_count()):
         die(f"--device {name}, but there are {n} GPUs: use cuda:0 ... cuda:{n - 1}")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
 
 
 def setup_distributed(name):
@@ -98,7 +93,8 @@ def setup_distributed(name):
     device = check_device(f"cuda:{local}") if name.startswith("cuda") else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
 
@@ -116,7 +112,6 @@ def amp_dtype(name, device):
 
 
 # ------------------------------------------------------------------------------------------ files
-
 def make_writable_dir(path, what, fix):
     """Create `path` and check that a file can be written in it, before any work; else one line naming `what`."""
     try:
@@ -128,22 +123,18 @@ def make_writable_dir(path, what, fix):
         die(f"{what} is not writable ({e.strerror}): {fix}")
 
 
-def save_checkpoint(path, state):
-    """Atomic: write a temp file in the same folder, flush it to disk, then os.replace."""
+def save_checkpoint(path, obj, dump=torch.save, mode="wb"):
+    """Atomic: dump(obj, file) into a temp file in the same folder, flushed to disk, then os.replace, so that a
+    checkpoint or a result already written is never left half-overwritten."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+    with open(tmp, mode) as f:
+        dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_json(path, obj):
-    """Atomic, like save_checkpoint: a result already written is never left half-overwritten."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+save_json = partial(save_checkpoint, dump=partial(json.dump, indent=1), mode="w")
 
 
 def try_load_checkpoint(path):
@@ -171,11 +162,9 @@ def agree_on_resume(path, world):
     """The checkpoint to resume from, or None, decided by rank 0: `path` is each rank's own candidate (None:
     none there). Every rank then loads its own copy, and the ranks check that they all hold rank 0's step; a
     rank that cannot is a one-line error on every rank, never a hang or a silent divergence."""
-    ckpt, error = try_load_checkpoint(path) if path and (world == 1 or dist.get_rank() == 0) else (None, None)
     if world == 1:
-        if error:
-            die(error)
-        return ckpt
+        return load_checkpoint(path) if path else None
+    ckpt, error = try_load_checkpoint(path) if path and dist.get_rank() == 0 else (None, None)
     group = dist.new_group(backend="gloo")  # small control messages, on the CPU whatever the device
     decision = [path is not None, ckpt["step"] if ckpt else -1, error]  # rank 0's
     dist.broadcast_object_list(decision, src=0, group=group)
@@ -191,9 +180,8 @@ def agree_on_resume(path, world):
     ok = torch.tensor([error is None], dtype=torch.int32)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     if not ok.item():
-        why = error or "another rank cannot read it"
-        die(f"rank 0 resumes from step {step}, but {why}: put --output-dir on a filesystem every node shares, or "
-            "copy rank 0's last.pt to each node", every_rank=True)
+        die(f"rank 0 resumes from step {step}, but {error or 'another rank cannot read it'}: put --output-dir on a "
+            "filesystem every node shares, or copy rank 0's last.pt to each node", every_rank=True)
     return ckpt
 
 
@@ -216,11 +204,18 @@ def load_model_state(model, ckpt, path, flags, wanted=None):
             "or another --output-dir")
 
 
+# ------------------------------------------------------------------------------------------ RNG state and logs
+def seed_all(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def rng_states():
-    np_state = np.random.get_state()
+    """Every generator's state, numpy's keys as a tensor so that weights_only loads accept them."""
+    name, keys, *rest = np.random.get_state()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest], "python": random.getstate()}
 
 
 def set_rng_states(s):
@@ -231,12 +226,6 @@ def set_rng_states(s):
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, state, gauss = s["python"]
     random.setstate((version, tuple(state), gauss))
-
-
-def seed_all(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def read_jsonl(path):
@@ -264,20 +253,18 @@ def truncate_jsonl(path, step):
 
 
 def plot_jsonl(path, out, panels):
-    """A PNG with one panel per (title, {key: label}) of `panels`: each key's values against the step, from the
-    JSON-lines log `path`; panels without data are left out."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = read_jsonl(path)
-    series = [(title, [(label, [(r["step"], r[k]) for r in rows if r.get(k) is not None]) for k, label in keys.items()])
-              for title, keys in panels]
-    series = [(title, [(label, xy) for label, xy in lines if xy]) for title, lines in series]
-    series = [(title, lines) for title, lines in series if lines]
+    """A PNG of the JSON-lines log `path`: a panel per (title, {key: label}) of `panels`, each key against the
+    step; keys and panels without data are left out."""
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figures to close
+    rows, series = read_jsonl(path), []
+    for title, keys in panels:
+        lines = [(label, [(r["step"], r[k]) for r in rows if r.get(k) is not None]) for k, label in keys.items()]
+        if lines := [(label, xy) for label, xy in lines if xy]:
+            series.append((title, lines))
     if not series:
         return
-    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], series):
+    fig = Figure(figsize=(5 * len(series), 3.5))
+    for ax, (title, lines) in zip(fig.subplots(1, len(series), squeeze=False)[0], series):
         for label, xy in lines:
             ax.plot(*zip(*xy), label=label, marker="o" if len(xy) < 20 else None)
         ax.set(xlabel="step", title=title)
@@ -285,7 +272,6 @@ def plot_jsonl(path, out, panels):
             ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def git_sha():
@@ -297,7 +283,6 @@ def git_sha():
 
 
 # ------------------------------------------------------------------------------------------ signals
-
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to stop after the current step (a second signal stops at once). Under
     torchrun the ranks agree through a small gloo all_reduce, so that they all stop after the same step."""

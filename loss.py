@@ -1,6 +1,9 @@
-"""NT-Xent (normalized temperature-scaled cross entropy) loss of SimCLR, arXiv 2002.05709 (eq. 1),
-with the negatives gathered from every rank when torch.distributed is running.
-"""
+"""NT-Xent (normalized temperature-scaled cross entropy) loss of SimCLR, arXiv 2002.05709 (eq. 1), with the
+negatives gathered from every rank when torch.distributed is running, and its gradient by gradient caching
+(Gao et al. 2021) for batches larger than memory."""
+import contextlib
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -44,3 +47,35 @@ def nt_xent(z1, z2, temperature=0.5, gather=True):
         logits.diagonal(2 * n * rank).fill_(float("-inf"))  # anchor i's own column, 2N rank + i: k != i
         partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n) + 2 * n * rank
         return F.cross_entropy(logits, partner)
+
+
+def cached_backward(net, views, scaler, dtype, temperature, m, fmt=torch.contiguous_format):
+    """Gradient caching (Gao et al. 2021, arXiv 2101.06983): the gradients of 2 x NT-Xent over all 2n views, scaled
+    by `scaler` (a torch.amp.GradScaler), in .grad, with the activations of m images at a time. views: (2n, 3, S, S),
+    the two views of image i at rows i and n+i; net(x) -> (h, z); dtype: autocast's, or None. A micro-batch holds
+    both views of its images (rows [i, i+m) and [n+i, n+i+m)), so that its BN sees both, as a DDP rank's does.
+    -> (loss, h without a graph)"""
+    n, k = views.shape[0] // 2, views.shape[0] // (2 * m)
+    starts = range(0, n, m)
+    # (2m, 3, S, S), one micro-batch at a time: a channels-last copy of the whole batch would hold 2n images
+    part = lambda i: torch.cat([views[i:i + m], views[n + i:n + i + m]]).contiguous(memory_format=fmt)  # noqa: E731
+    autocast = partial(torch.autocast, views.device.type, dtype=dtype, enabled=dtype is not None)
+    # 1. z without a graph; BN running statistics and the RNG are put back, so that pass 3 updates the statistics
+    # once per micro-batch and draws what pass 1 drew
+    buffers, saved = list(net.buffers()), [b.clone() for b in net.buffers()]
+    with torch.no_grad(), torch.random.fork_rng([views.device] if views.device.type == "cuda" else []), autocast():
+        hs, zs = zip(*(net(part(i)) for i in starts))
+    torch._foreach_copy_(buffers, saved)
+    # 2. the loss over the whole batch (nt_xent gathers the other ranks' z) and its gradient at z, scaled for fp16
+    zc = torch.cat(zs).requires_grad_()  # (2n, d), micro-batch after micro-batch, each [view 1; view 2]
+    z = zc.view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, d) in the rows of `views`
+    loss = nt_xent(z[:n], z[n:], temperature)
+    grad, = torch.autograd.grad(scaler.scale(2 * loss), zc)  # (2n, d), micro-batch order
+    # 3. each micro-batch again with its graph, its slice of dL/dz backpropagated; DDP reduces after the last only
+    ddp = next((mod for mod in net.modules() if isinstance(mod, torch.nn.parallel.DistributedDataParallel)), None)
+    for j, (i, g) in enumerate(zip(starts, grad.split(2 * m))):
+        with ddp.no_sync() if ddp is not None and j < k - 1 else contextlib.nullcontext():
+            with autocast():
+                _, z_part = net(part(i))  # (2m, d)
+            torch.autograd.backward(z_part, g)
+    return loss, torch.cat(hs).view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, feat_dim)

@@ -1,9 +1,7 @@
 """SimCLR pretraining (arXiv 2002.05709): two augmented views per image, a ResNet encoder with an MLP head,
 the NT-Xent loss, LARS with warmup and cosine decay, in one hand-written AMP loop. The same file runs as
-`python train.py` and as `torchrun --nproc_per_node K train.py` (DDP, negatives from every rank).
-"""
+`python train.py` and as `torchrun --nproc_per_node K train.py` (DDP, negatives from every rank)."""
 import argparse
-import contextlib
 import itertools
 import json
 import logging
@@ -22,11 +20,11 @@ from tqdm import tqdm
 from augment import BatchAugment, SimCLRTransform, save_preview
 from data import DATASETS, DatasetError, TwoViewBatches, get_dataset
 from eval_linear import MODEL_ARGS, build_monitors, knn_monitor
-from harness import (Parser, StopRequest, agree_on_resume, amp_dtype, append_jsonl, at_least, changed_flags, checked, die,
-                     git_sha, ignore_sigint, load_model_state, make_writable_dir, ordered_pair, positive_float, positive_int,
-                     plot_jsonl, probability, rng_states, save_checkpoint, seed_all, set_rng_states, setup_distributed,
-                     truncate_jsonl)
-from loss import nt_xent
+from harness import (Parser, StopRequest, agree_on_resume, amp_dtype, append_jsonl, at_least, changed_flags, checked,
+                     die, git_sha, ignore_sigint, load_model_state, make_writable_dir, ordered_pair, plot_jsonl,
+                     positive_float, positive_int, probability, rng_states, save_checkpoint, seed_all, set_rng_states,
+                     setup_distributed, truncate_jsonl)
+from loss import cached_backward, nt_xent
 from model import ARCHS, SimCLR, convert_global_bn
 
 BASE_LR = {"lars": 0.3, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}  # per 256 images
@@ -35,121 +33,101 @@ NEUTRAL = {"workers", "log_every", "save_every", "save_every_epochs", "output_di
            "data_dir", "download", "compile", "aug_compile", "channels_last", "probe", "knn_every", "knn_samples",
            "preview", "sync_bn"}
 EXTENDABLE = {"epochs", "max_steps"}  # what --extend may change
+jitter_strength = checked(float, lambda s: 0 <= s <= 2.5, "s must be in [0, 2.5] (hue jitter 0.2 s is at most 0.5)")
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("SimCLR pretraining", add_help=False)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="stl10", choices=list(DATASETS), help="(default: %(default)s)")
-    g.add_argument("--data-dir", default=None,
-                   help="dataset root, or the image folder (default: ./data; fashion-mnist: Debian's first)")
-    g.add_argument("--split", default=None,
-                   help="(default: stl10 train+unlabeled, 105k images; folder: DIR/train or DIR; else train)")
-    g.add_argument("--image-size", type=positive_int, default=None,
-                   help="side of the views (default: the dataset's, 96 STL-10, 32 CIFAR, 28 Fashion-MNIST, 224 folder)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="let torchvision download a missing dataset (default: %(default)s)")
-    g.add_argument("--pipeline", default="batched", choices=("batched", "per-image"),
-                   help="batched: the data as one uint8 tensor on the device, views made there by BatchAugment; "
-                        "per-image: SimCLRTransform in DataLoader workers (default: %(default)s)")
-    g.add_argument("--aug-compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile BatchAugment's kernels (default: on the CPU, and with --compile)")
-    g.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
-                   help="data loader processes per rank for --pipeline per-image (default: %(default)s)")
+    on_off = argparse.BooleanOptionalAction  # --flag / --no-flag
+    arg = p.add_argument_group("data").add_argument
+    arg("--dataset", default="stl10", choices=list(DATASETS), help="(default: %(default)s)")
+    arg("--data-dir", help="dataset root, or the image folder (default: ./data; fashion-mnist: Debian's first)")
+    arg("--split", help="(default: stl10 train+unlabeled, 105k images; folder: DIR/train or DIR; else train)")
+    arg("--image-size", type=positive_int,
+        help="side of the views (default: the dataset's, 96 STL-10, 32 CIFAR, 28 Fashion-MNIST, 224 folder)")
+    arg("--download", action=on_off, default=True, help="torchvision downloads missing datasets (default: %(default)s)")
+    arg("--pipeline", default="batched", choices=("batched", "per-image"), help="batched: the data as one uint8 "
+        "tensor on the device, views made there by BatchAugment; per-image: SimCLRTransform in DataLoader workers "
+        "(default: %(default)s)")
+    arg("--aug-compile", action=on_off, help="torch.compile BatchAugment (default: on the CPU, and with --compile)")
+    arg("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
+        help="data loader processes per rank for --pipeline per-image (default: %(default)s)")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="torchvision ResNet (default: %(default)s)")
-    g.add_argument("--width", type=positive_float, default=1.0,
-                   help="width multiplier of every layer, the paper's 1x/2x/4x; below 1 for CPU runs (default: %(default)s)")
-    g.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
-                   help="3x3 stride-1 first conv and no max-pool (default: on for images of 64 px or less)")
-    g.add_argument("--stem-stride", type=int, default=1, choices=(1, 2),
-                   help="stride of the small stem's 3x3 conv; 2 quarters the compute at 28-32 px (default: %(default)s)")
-    g.add_argument("--proj-dim", type=positive_int, default=128,
-                   help="output size of the projection head (default: %(default)s)")
-    g.add_argument("--proj-layers", type=int, default=2, choices=(2, 3),
-                   help="linear layers of the projection head: 2 is SimCLR's, 3 SimCLRv2's (default: %(default)s)")
-    g.add_argument("--proj-out-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="BN (scale, no shift) on the head's output, no bias: the official code's head; off: the "
-                        "paper's formula, a bias and no BN (default: %(default)s)")
-    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="BN over the batch of all ranks, the paper's global BN (default: on when world > 1)")
+    arg = p.add_argument_group("model").add_argument
+    arg("--arch", default="resnet18", choices=ARCHS, help="torchvision ResNet (default: %(default)s)")
+    arg("--width", type=positive_float, default=1.0,
+        help="width multiplier of every layer, the paper's 1x/2x/4x; below 1 for CPU runs (default: %(default)s)")
+    arg("--cifar-stem", action=on_off, help="3x3 stride-1 first conv, no max-pool (default: on for images up to 64 px)")
+    arg("--stem-stride", type=int, default=1, choices=(1, 2),
+        help="stride of the small stem's 3x3 conv; 2 quarters the compute at 28-32 px (default: %(default)s)")
+    arg("--proj-dim", type=positive_int, default=128, help="output size of the projection head (default: %(default)s)")
+    arg("--proj-layers", type=int, default=2, choices=(2, 3),
+        help="linear layers of the projection head: 2 is SimCLR's, 3 SimCLRv2's (default: %(default)s)")
+    arg("--proj-out-bn", action=on_off, default=True, help="BN (scale, no shift) on the head's output, no bias: the "
+        "official code's head; off: the paper's formula, a bias and no BN (default: %(default)s)")
+    arg("--sync-bn", action=on_off, help="BN over all ranks' batch, the paper's global BN (default: on when world > 1)")
 
-    g = p.add_argument_group("augmentation (paper, appendix A)")
-    g.add_argument("--jitter-strength", default=None,
-                   type=checked(float, lambda s: 0 <= s <= 2.5, "s must be in [0, 2.5] (hue jitter 0.2 s is at most 0.5)"),
-                   help="colour distortion strength s (default: 1.0; 0.5 on CIFAR as in the paper)")
-    g.add_argument("--jitter-p", type=probability, default=0.8, help="probability of colour jitter (default: %(default)s)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), action=ordered_pair(0, 1),
-                   help="area range of the random resized crop (default: %(default)s)")
-    g.add_argument("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), action=ordered_pair(0),
-                   help="aspect ratio range of the crop (default: %(default)s)")
-    g.add_argument("--flip-p", type=probability, default=0.5, help="horizontal flip probability (default: %(default)s)")
-    g.add_argument("--gray-p", type=probability, default=0.2, help="grayscale probability (default: %(default)s)")
-    g.add_argument("--blur-p", type=probability, default=None,
-                   help="Gaussian blur probability (default: 0.5; 0 for images of 32 px or less, as on CIFAR)")
-    g.add_argument("--blur-sigma", type=float, nargs=2, default=(0.1, 2.0), action=ordered_pair(0),
-                   help="blur sigma range (default: %(default)s)")
-    g.add_argument("--rotate-p", type=probability, default=0.0,
-                   help="probability of a 90/180/270 degree rotation, the paper's ablation (default: %(default)s)")
-    g.add_argument("--solarize-p", type=probability, default=0.0, help="solarization probability (default: %(default)s)")
+    arg = p.add_argument_group("augmentation (paper, appendix A)").add_argument
+    arg("--jitter-strength", type=jitter_strength,
+        help="colour distortion strength s (default: 1.0; 0.5 on CIFAR as in the paper)")
+    arg("--jitter-p", type=probability, default=0.8, help="probability of colour jitter (default: %(default)s)")
+    arg("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), action=ordered_pair(0, 1),
+        help="area range of the random resized crop (default: %(default)s)")
+    arg("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), action=ordered_pair(0),
+        help="aspect ratio range of the crop (default: %(default)s)")
+    arg("--flip-p", type=probability, default=0.5, help="horizontal flip probability (default: %(default)s)")
+    arg("--gray-p", type=probability, default=0.2, help="grayscale probability (default: %(default)s)")
+    arg("--blur-p", type=probability, help="Gaussian blur probability (default: 0.5; 0 up to 32 px, as on CIFAR)")
+    arg("--blur-sigma", type=float, nargs=2, default=(0.1, 2.0), action=ordered_pair(0),
+        help="blur sigma range (default: %(default)s)")
+    arg("--rotate-p", type=probability, default=0.0,
+        help="probability of a 90/180/270 degree rotation, the paper's ablation (default: %(default)s)")
+    arg("--solarize-p", type=probability, default=0.0, help="solarization probability (default: %(default)s)")
 
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=at_least(2), default=512,
-                   help="global batch N over all ranks, at least 2: each image needs others as negatives "
-                        "(default: %(default)s; the paper's best is 4096)")
-    g.add_argument("--micro-batch", type=positive_int, default=None,
-                   help="images per forward pass on each rank, a divisor of the rank's batch: the exact loss and "
-                        "gradients of the whole batch by gradient caching (Gao et al. 2021), one extra forward, the "
-                        "memory of this many images; BN normalises each micro-batch, as each GPU of DDP without "
-                        "--sync-bn does (default: the whole batch)")
-    g.add_argument("--epochs", type=positive_int, default=100, help="(default: %(default)s, the paper's ablations)")
-    g.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop after this many steps, the schedule fitted to them (default: %(default)s: --epochs)")
-    g.add_argument("--temperature", type=positive_float, default=0.5,
-                   help="tau of NT-Xent (default: %(default)s, the paper's choice for batches of a few hundred)")
-    g.add_argument("--optimizer", default="lars", choices=("lars", "sgd", "adam", "adamw"),
-                   help="(default: %(default)s)")
-    g.add_argument("--lr", type=positive_float, default=None,
-                   help="base learning rate per 256 images, scaled by batch/256 (default: lars 0.3 as in the paper, "
-                        "sgd 0.05, adam/adamw 1e-3)")
-    g.add_argument("--weight-decay", type=at_least(0, float), default=1e-6,
-                   help="(default: %(default)s; not on biases and BN)")
-    g.add_argument("--momentum", type=float, default=0.9, help="LARS/SGD momentum (default: %(default)s)")
-    g.add_argument("--warmup-epochs", type=at_least(0, float), default=10,
-                   help="linear warmup, then cosine decay (default: %(default)s)")
-    g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
-                   help="autocast dtype (default: %(default)s; fp16 with a GradScaler, CUDA only, where the GPU "
-                        "lacks bf16)")
+    arg = p.add_argument_group("optimization").add_argument
+    arg("--batch-size", type=at_least(2), default=512, help="global batch N over all ranks, at least 2: each image "
+        "needs others as negatives (default: %(default)s; the paper's best is 4096)")
+    arg("--micro-batch", type=positive_int, help="images per forward pass on each rank, a divisor of the rank's batch: "
+        "the exact loss and gradients of the whole batch by gradient caching (Gao et al. 2021), one extra forward, the "
+        "memory of this many images; BN normalises each micro-batch, as each GPU of DDP without --sync-bn does "
+        "(default: the whole batch)")
+    arg("--epochs", type=positive_int, default=100, help="(default: %(default)s, the paper's ablations)")
+    arg("--max-steps", type=positive_int,
+        help="stop after this many steps, the schedule fitted to them (default: %(default)s: --epochs)")
+    arg("--temperature", type=positive_float, default=0.5,
+        help="tau of NT-Xent (default: %(default)s, the official CIFAR-10 recipe; its ImageNet flag is 0.1)")
+    arg("--optimizer", default="lars", choices=("lars", "sgd", "adam", "adamw"), help="(default: %(default)s)")
+    arg("--lr", type=positive_float, help="base learning rate per 256 images, scaled by batch/256 "
+        "(default: lars 0.3 as in the paper, sgd 0.05, adam/adamw 1e-3)")
+    arg("--weight-decay", type=at_least(0, float), default=1e-6, help="(default: %(default)s; not on biases and BN)")
+    arg("--momentum", type=float, default=0.9, help="LARS/SGD momentum (default: %(default)s)")
+    arg("--warmup-epochs", type=at_least(0, float), default=10,
+        help="linear warmup, then cosine decay (default: %(default)s)")
+    arg("--amp", default="bf16", choices=("bf16", "fp16", "off"),
+        help="autocast dtype (default: %(default)s; fp16 with a GradScaler, CUDA only, where the GPU lacks bf16)")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="(default: %(default)s; under torchrun each rank takes cuda:LOCAL_RANK)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory format, faster convolutions with AMP (default: %(default)s)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    g.add_argument("--output-dir", default=None, help="(default: runs/DATASET)")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint to continue from (default: OUTPUT_DIR/last.pt when it exists)")
-    g.add_argument("--extend", action="store_true",
-                   help="resume with another --epochs/--max-steps on purpose (the schedule is refitted to the new "
-                        "length); the change and its step go into the checkpoint's history (default: %(default)s)")
-    g.add_argument("--save-every", type=at_least(0), default=0,
-                   help="also write last.pt every this many steps (default: %(default)s, only at epoch ends)")
-    g.add_argument("--save-every-epochs", type=positive_int, default=1,
-                   help="epochs between last.pt and curves.png (the last epoch and a stop always save); raise it "
-                        "where an epoch takes seconds (default: %(default)s)")
-    g.add_argument("--log-every", type=at_least(1), default=10, help="steps between log lines (default: %(default)s)")
-    g.add_argument("--preview", action="store_true",
-                   help="write OUTPUT_DIR/augmentations.png and exit (default: %(default)s)")
-    g.add_argument("--probe", action="store_true",
-                   help="monitors with labels: an online linear probe on detached features and a kNN classifier "
-                        "every --knn-every epochs, into metrics.jsonl and curves.png (default: %(default)s)")
-    g.add_argument("--knn-every", type=at_least(0), default=1,
-                   help="epochs between kNN monitors with --probe (default: %(default)s)")
-    g.add_argument("--knn-samples", type=positive_int, nargs=2, default=(10000, 5000), metavar=("TRAIN", "TEST"),
-                   help="labelled train and test images of the kNN monitor (default: %(default)s)")
+    arg = p.add_argument_group("run").add_argument
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="(default: %(default)s; under torchrun each rank takes cuda:LOCAL_RANK)")
+    arg("--channels-last", action=on_off, default=True,
+        help="NHWC memory format, faster convolutions with AMP (default: %(default)s)")
+    arg("--compile", action="store_true", help="torch.compile the model (default: %(default)s)")
+    arg("--seed", type=int, default=0, help="(default: %(default)s)")
+    arg("--output-dir", help="(default: runs/DATASET)")
+    arg("--resume", help="checkpoint to continue from (default: OUTPUT_DIR/last.pt when it exists)")
+    arg("--extend", action="store_true", help="resume with another --epochs/--max-steps on purpose (the schedule is "
+        "refitted to the new length); the change and its step go into the checkpoint's history (default: %(default)s)")
+    arg("--save-every", type=at_least(0), default=0,
+        help="also write last.pt every this many steps (default: %(default)s, only at epoch ends)")
+    arg("--save-every-epochs", type=positive_int, default=1, help="epochs between last.pt and curves.png (the last "
+        "epoch and a stop always save); raise it where an epoch takes seconds (default: %(default)s)")
+    arg("--log-every", type=at_least(1), default=10, help="steps between log lines (default: %(default)s)")
+    arg("--preview", action="store_true", help="write OUTPUT_DIR/augmentations.png and exit (default: %(default)s)")
+    arg("--probe", action="store_true", help="monitors with labels: an online linear probe on detached features and a "
+        "kNN classifier every --knn-every epochs, into metrics.jsonl and curves.png (default: %(default)s)")
+    arg("--knn-every", type=at_least(0), default=1, help="epochs between --probe's kNN monitors (default: %(default)s)")
+    arg("--knn-samples", type=positive_int, nargs=2, default=(10000, 5000), metavar=("TRAIN", "TEST"),
+        help="labelled train and test images of the kNN monitor (default: %(default)s)")
     return p
 
 
@@ -158,15 +136,12 @@ def resolve_args(args, world_size=1):
     info = DATASETS[args.dataset]
     args.split = args.split or info["pretrain_split"]
     args.image_size = info["size"] if args.image_size is None else args.image_size
-    if args.cifar_stem is None:
-        args.cifar_stem = args.image_size <= 64
+    args.cifar_stem = args.image_size <= 64 if args.cifar_stem is None else args.cifar_stem
     if args.jitter_strength is None:
         args.jitter_strength = 0.5 if args.dataset.startswith("cifar") else 1.0
-    if args.lr is None:
-        args.lr = BASE_LR[args.optimizer]
+    args.lr = BASE_LR[args.optimizer] if args.lr is None else args.lr
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
-    if args.sync_bn is None:
-        args.sync_bn = world_size > 1
+    args.sync_bn = world_size > 1 if args.sync_bn is None else args.sync_bn
     if args.batch_size % world_size:
         die(f"--batch-size {args.batch_size} does not divide over {world_size} ranks: use a multiple of {world_size}")
     per_rank, m = args.batch_size // world_size, args.micro_batch
@@ -189,8 +164,8 @@ def main(args):
             "images), a smaller --batch-size (the learning rate scales with it), or more GPUs", every_rank=True)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keeping the last checkpoint
         out = args.output_dir or os.path.join("runs", args.dataset)
-        print(f"\ninterrupted; {os.path.join(out, 'last.pt')} holds the last checkpoint: rerun the same "
-              "command to resume", file=sys.stderr)
+        print(f"\ninterrupted; {os.path.join(out, 'last.pt')} holds the last checkpoint: rerun the same command to "
+              "resume", file=sys.stderr)
         sys.exit(130)
     finally:
         if world > 1 and dist.is_initialized():
@@ -211,22 +186,22 @@ def train(args, rank, world, device):
     if args.batch_size > len(base):
         die(f"--batch-size {args.batch_size} is larger than the {len(base)} images of {args.dataset} "
             f"{args.split}: with drop_last nothing would train; use at most {len(base)}")
-
     try:
         views = build_views(base, args, rank, world, device)
     except DatasetError as e:  # e.g. a folder too large to hold in memory
         die(str(e), every_rank=True)
+
     total_steps = min(args.epochs * views.steps_per_epoch, args.max_steps or math.inf)
     # the schedule spans the run that happens: a run cut by --max-steps gets a proportionally shorter warmup
     warmup_steps = min(total_steps, round(args.warmup_epochs * total_steps / args.epochs))
     peak_lr = args.lr * args.batch_size / 256  # linear scaling rule, on the global batch
     schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps)
-
     model = build_model(args, world, device)
     optimizer = build_optimizer(model, args, peak_lr)
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     probe, knn = build_monitors(args, base, model, rank, device)
+
     run = Run(args, rank == 0, model, optimizer, scaler, probe, views.steps_per_epoch)
     step = run.resume(world)
     if rank == 0:
@@ -237,7 +212,6 @@ def train(args, rank, world, device):
         if rank == 0:
             print(f"{run.resumed_from} has already run {step} of {total_steps} steps: nothing to do")
         return
-
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
@@ -246,12 +220,115 @@ def train(args, rank, world, device):
     loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, device)
 
 
+# ------------------------------------------------------------------------------------------------- data
+def pretraining_data(args, world):
+    """The pretraining split; under torchrun the first rank of each machine reads it first (it may download)."""
+    local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not local_main:
+        dist.barrier()
+    try:
+        base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and local_main)
+    except DatasetError as e:
+        die(str(e), every_rank=True)
+    if world > 1 and local_main:
+        dist.barrier()
+    return base
+
+
+def preview(base, args):
+    """OUTPUT_DIR/augmentations.png: eight images and their two views."""
+    transform = SimCLRTransform(args.image_size, **augment_kwargs(args))
+    return save_preview([base[i][0] for i in range(min(8, len(base)))], transform,
+                        os.path.join(args.output_dir, "augmentations.png"), seed=args.seed)
+
+
+def augment_kwargs(args):
+    info = DATASETS[args.dataset]
+    return dict(s=args.jitter_strength, crop_scale=args.crop_scale, crop_ratio=args.crop_ratio, flip_p=args.flip_p,
+                jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p, blur_sigma=args.blur_sigma,
+                rotate_p=args.rotate_p, solarize_p=args.solarize_p, mean=info["mean"], std=info["std"])
+
+
+def build_views(base, args, rank, world, device):
+    """The rank's two-view batches, from the batched or the per-image pipeline (data.TwoViewBatches)."""
+    views = partial(TwoViewBatches, base, args.batch_size // world, rank, world, args.seed, device)
+    if args.pipeline == "per-image":
+        return views(transform=SimCLRTransform(args.image_size, **augment_kwargs(args)), workers=args.workers,
+                     worker_init_fn=ignore_sigint)
+    compile_aug = args.aug_compile if args.aug_compile is not None else device.type == "cpu" or args.compile
+    aug = BatchAugment(args.image_size, **augment_kwargs(args), compile=compile_aug).to(device)
+    return views(batch_augment=aug, image_size=args.image_size)
+
+
+# ------------------------------------------------------------------------------------------ model and optimiser
+def build_model(args, world, device):
+    model = SimCLR.from_args(vars(args))
+    if world > 1 and args.sync_bn:  # global BN: statistics of the whole batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_global_bn(model)
+    return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+
+
+def build_optimizer(model, args, lr):
+    """Biases and BN parameters (ndim <= 1) are excluded from weight decay and from the LARS adaptation."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    if args.optimizer == "lars":
+        groups[1]["lars"] = False
+        return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    fast = dict(fused=True) if args.device.startswith("cuda") else dict(foreach=True)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, **fast)
+    cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=lr, weight_decay=args.weight_decay, **fast)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as the official SimCLR code has it (lars_optimizer.py): g = grad + wd w, trust ratio eta
+    ||w|| / ||g||, then classic momentum with the rate inside the buffer, v = m v + lr trust g, w -= v (the rate's
+    changes in warmup and decay apply to new gradients only). Param groups with lars=False (biases, BN) get neither
+    weight decay nor the trust ratio. Foreach kernels: one launch per op for all the layers."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(params))  # (L,)
+                g_norm = torch.stack(torch._foreach_norm(grads))  # (L,)
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            for p in (p for p in params if "momentum_buffer" not in self.state[p]):
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads, alpha=group["lr"])  # v = m v + lr trust g
+            torch._foreach_sub_(params, bufs)  # w -= v
+
+
+def lr_at(step, peak_lr, warmup_steps, total_steps):
+    """Learning rate of optimiser step `step` (0-based): linear warmup to peak_lr, then cosine decay to 0."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------- the loop
 def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, device):
     """One flat loop over the steps, crossing epochs; one save path."""
     stop, window, epoch_losses = StopRequest(world), [], []
     bar = tqdm(total=total_steps, initial=step, disable=True if not run.main else None, dynamic_ncols=True)
-    run.start()
-    t_log, n_log = time.time(), 0
+    run.t_start = t_log = time.time()  # training time starts now, not at setup
+    n_log = 0
     try:
         for step, epoch, (x, y) in batches(views, step, total_steps):
             lr = schedule(step)
@@ -281,7 +358,8 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
             if end_of_epoch:
                 if knn is not None and (epoch + 1) % args.knn_every == 0:
                     top1 = knn_monitor(run.model.encoder, knn, args, device, dtype)
-                    tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} train / {len(knn[3])} test images)")
+                    tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} train / {len(knn[3])} test "
+                               "images)")
                     run.log({"step": step, "epoch": epoch, "knn_top1": top1})
                 if epoch_due:
                     run.plot()
@@ -306,8 +384,7 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
 
 
 def batches(views, step, total_steps):
-    """(step, epoch, (views, labels)) from `step` until total_steps, crossing epochs; a resumed epoch starts
-    mid-way at the step where it stopped."""
+    """(step, epoch, (views, labels)) from `step` to total_steps, crossing epochs; a resumed epoch starts mid-way."""
     while step < total_steps:
         epoch, start = divmod(step, views.steps_per_epoch)
         n = min(views.steps_per_epoch - start, total_steps - step)
@@ -318,8 +395,8 @@ def batches(views, step, total_steps):
 
 def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True, probe=None, labels=None,
                micro_batch=None):
-    """One optimiser step on (2n, 3, S, S) views, by gradient caching when micro_batch < n; returns the detached
-    loss (no host sync)."""
+    """One optimiser step on (2n, 3, S, S) views, by gradient caching when micro_batch < n (loss.cached_backward);
+    returns the detached loss (no host sync)."""
     n, fmt = views.shape[0] // 2, torch.channels_last if channels_last else torch.contiguous_format
     optimizer.zero_grad(set_to_none=True)
     # the official objective is loss_a + loss_b, twice this mean over the 2n anchors (google-research/simclr,
@@ -338,152 +415,15 @@ def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=
     return loss.detach()
 
 
-def cached_backward(net, views, scaler, dtype, temperature, m, fmt=torch.contiguous_format):
-    """Gradient caching (Gao et al. 2021, arXiv 2101.06983): the scaled gradients of 2 x NT-Xent over all 2n views
-    in .grad, with the activations of m images at a time. A micro-batch holds both views of its images (rows
-    [i, i+m) and [n+i, n+i+m)), so that its BN sees both, as a DDP rank's does. -> (loss, h without a graph)"""
-    n, k = views.shape[0] // 2, views.shape[0] // (2 * m)
-    starts = range(0, n, m)
-    # (2m, 3, S, S), one micro-batch at a time: a channels-last copy of the whole batch would hold 2n images
-    part = lambda i: torch.cat([views[i:i + m], views[n + i:n + i + m]]).contiguous(memory_format=fmt)  # noqa: E731
-    autocast = partial(torch.autocast, views.device.type, dtype=dtype, enabled=dtype is not None)
-    # 1. z without a graph; BN running statistics and the RNG are put back, so that pass 3 updates the statistics
-    # once per micro-batch and draws what pass 1 drew
-    buffers, saved = list(net.buffers()), [b.clone() for b in net.buffers()]
-    with torch.no_grad(), torch.random.fork_rng([views.device] if views.device.type == "cuda" else []), autocast():
-        hs, zs = zip(*(net(part(i)) for i in starts))
-    torch._foreach_copy_(buffers, saved)
-    # 2. the loss over the whole batch (nt_xent gathers the other ranks' z) and its gradient at z, scaled for fp16
-    zc = torch.cat(zs).requires_grad_()  # (2n, d), micro-batch after micro-batch, each [view 1; view 2]
-    z = zc.view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, d) in the rows of `views`
-    loss = nt_xent(z[:n], z[n:], temperature)
-    grad, = torch.autograd.grad(scaler.scale(2 * loss), zc)  # (2n, d), micro-batch order
-    # 3. each micro-batch again with its graph, its slice of dL/dz backpropagated; DDP reduces after the last only
-    ddp = next((mod for mod in net.modules() if isinstance(mod, nn.parallel.DistributedDataParallel)), None)
-    for j, (i, g) in enumerate(zip(starts, grad.split(2 * m))):
-        with ddp.no_sync() if ddp is not None and j < k - 1 else contextlib.nullcontext():
-            with autocast():
-                _, z_part = net(part(i))  # (2m, d)
-            torch.autograd.backward(z_part, g)
-    return loss, torch.cat(hs).view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, feat_dim)
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-def pretraining_data(args, world):
-    """The pretraining split; under torchrun the first rank of each machine reads it first (it may download)."""
-    local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if world > 1 and not local_main:
-        dist.barrier()
-    try:
-        base = get_dataset(args.dataset, args.data_dir, args.split, download=args.download and local_main)
-    except DatasetError as e:
-        die(str(e), every_rank=True)
-    if world > 1 and local_main:
-        dist.barrier()
-    return base
-
-
-def augment_kwargs(args):
-    info = DATASETS[args.dataset]
-    return dict(s=args.jitter_strength, crop_scale=args.crop_scale, crop_ratio=args.crop_ratio, flip_p=args.flip_p,
-                jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p, blur_sigma=args.blur_sigma,
-                rotate_p=args.rotate_p, solarize_p=args.solarize_p, mean=info["mean"], std=info["std"])
-
-
-def preview(base, args):
-    """OUTPUT_DIR/augmentations.png: eight images and their two views."""
-    transform = SimCLRTransform(args.image_size, **augment_kwargs(args))
-    return save_preview([base[i][0] for i in range(min(8, len(base)))], transform,
-                        os.path.join(args.output_dir, "augmentations.png"), seed=args.seed)
-
-
-def build_views(base, args, rank, world, device):
-    """The rank's two-view batches, from the batched or the per-image pipeline (data.TwoViewBatches)."""
-    if args.pipeline == "batched":
-        compile_aug = args.aug_compile if args.aug_compile is not None else device.type == "cpu" or args.compile
-        aug = BatchAugment(args.image_size, **augment_kwargs(args), compile=compile_aug).to(device)
-        return TwoViewBatches(base, args.batch_size // world, rank, world, args.seed, device, batch_augment=aug,
-                              image_size=args.image_size)
-    return TwoViewBatches(base, args.batch_size // world, rank, world, args.seed, device,
-                          transform=SimCLRTransform(args.image_size, **augment_kwargs(args)), workers=args.workers,
-                          worker_init_fn=ignore_sigint)
-
-
-# ------------------------------------------------------------------------------------------ model and optimiser
-
-def build_model(args, world, device):
-    model = SimCLR.from_args(vars(args))
-    if world > 1 and args.sync_bn:  # global BN: statistics of the whole batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_global_bn(model)
-    return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-
-
-def build_optimizer(model, args, lr):
-    """Biases and BN parameters (ndim <= 1) are excluded from weight decay and from the LARS adaptation."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
-    if args.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    for g in groups:
-        g.pop("lars", None)
-    fast = dict(fused=True) if args.device.startswith("cuda") else dict(foreach=True)
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, **fast)
-    cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=lr, weight_decay=args.weight_decay, **fast)
-
-
-def lr_at(step, peak_lr, warmup_steps, total_steps):
-    """Learning rate of optimiser step `step` (0-based): linear warmup to peak_lr, then cosine decay to 0."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as the official SimCLR code has it (lars_optimizer.py): g = grad + wd w, trust ratio
-    eta ||w|| / ||g||, then classic momentum with the rate inside the buffer, v = m v + lr trust g, w -= v (the
-    rate's changes in warmup and decay apply to new gradients only). Param groups with lars=False (biases, BN)
-    get neither weight decay nor the trust ratio. Foreach kernels: one launch per op for all the layers."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["lars"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                w_norm = torch.stack(torch._foreach_norm(params))  # (L,)
-                g_norm = torch.stack(torch._foreach_norm(grads))  # (L,)
-                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                    torch.ones_like(w_norm))
-                torch._foreach_mul_(grads, list(trust.unbind()))
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads, alpha=group["lr"])  # v = m v + lr trust g
-            torch._foreach_sub_(params, bufs)  # w -= v
-
-
 # ------------------------------------------------------------------------------------------ checkpoints and logs
-
 class Run:
     """What a run keeps in OUTPUT_DIR: last.pt (model, optimiser, scaler, probe, step, args, RNG states, written
     atomically), metrics.jsonl and curves.png. Every rank resumes; only rank 0 writes."""
 
     def __init__(self, args, main, model, optimizer, scaler, probe, steps_per_epoch):
-        self.args, self.main, self.model, self.optimizer, self.scaler, self.probe = args, main, model, optimizer, scaler, probe
-        self.steps_per_epoch, self.seconds_before, self.t_start, self.resumed_from = steps_per_epoch, 0.0, time.time(), None
+        self.args, self.main, self.model, self.optimizer, self.scaler = args, main, model, optimizer, scaler
+        self.probe, self.steps_per_epoch, self.seconds_before, self.t_start = probe, steps_per_epoch, 0.0, time.time()
+        self.resumed_from = None
         self.history = []  # [{"step", "changed": {flag: (old, new)}}]: what --extend changed, and when
         self.ckpt_path = os.path.join(args.output_dir, "last.pt")
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -492,8 +432,7 @@ class Run:
         """The step to start from: 0, or that of --resume / OUTPUT_DIR/last.pt (rank 0 decides), whose states are
         loaded. A checkpoint made with other flags is refused, unless --extend changes only the run's length."""
         args, path = self.args, self.args.resume or (self.ckpt_path if os.path.exists(self.ckpt_path) else None)
-        ckpt = agree_on_resume(path, world)
-        if ckpt is None:
+        if (ckpt := agree_on_resume(path, world)) is None:
             return 0
         load_model_state(self.model, ckpt, path, MODEL_ARGS, vars(args))
         changed = changed_flags(ckpt["args"], vars(args), NEUTRAL)
@@ -518,9 +457,6 @@ class Run:
             truncate_jsonl(self.metrics_path, step)
         return step
 
-    def start(self):
-        self.t_start = time.time()
-
     def seconds(self):
         """Training seconds over every part of the run."""
         return self.seconds_before + time.time() - self.t_start
@@ -535,14 +471,12 @@ class Run:
                 "history": self.history, "train_seconds": self.seconds()})
 
     def check_finite(self, window, step):
-        """The window's losses averaged over the ranks (every rank decides alike); a non-finite one stops the
-        run, keeping the last good checkpoint."""
+        """The window's losses, averaged over the ranks so that all decide alike; one not finite stops the run."""
         losses = torch.stack(window).float() if window else torch.zeros(0)
         if dist.is_initialized() and dist.get_world_size() > 1 and window:
             dist.all_reduce(losses)
             losses /= dist.get_world_size()
-        bad = [i for i, x in enumerate(losses.tolist()) if not math.isfinite(x)]
-        if bad:
+        if bad := [i for i, x in enumerate(losses.tolist()) if not math.isfinite(x)]:
             where = (f"the last good checkpoint is {self.ckpt_path}" if os.path.exists(self.ckpt_path)
                      else "no checkpoint was written yet")
             die(f"loss is not finite at step {step - len(window) + bad[0] + 1}; {where}: lower --lr, raise "

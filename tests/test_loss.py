@@ -1,4 +1,7 @@
+import ast
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -73,3 +76,14 @@ def test_float32_under_autocast_and_half_inputs_without_overflow():
     torch.testing.assert_close(loss, ref)
     half = nt_xent(z1.to(torch.float16), z2.to(torch.float16), 0.01)
     assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+def test_loss_py_imports_no_sibling():
+    """loss.py, gradient caching included, can be copied into another project alone."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    siblings = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    tree = ast.parse(open(os.path.join(root, "loss.py")).read())
+    names = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    foreign = {n for n in names if n not in sys.stdlib_module_names and n not in {"torch", "torchvision", "numpy"}}
+    assert not names & siblings and not foreign, names
