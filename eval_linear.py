@@ -5,8 +5,10 @@ with labels against the same network from random weights (the paper's ablation),
 import argparse
 import copy
 import json
+import math
 import os
 import time
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -17,7 +19,8 @@ from tqdm import tqdm
 from augment import BatchAugment, eval_batch
 from data import DATASETS, DatasetError, get_dataset, labels, uint8_images
 from harness import (Parser, amp_dtype, at_least, check_device, checked, die, load_checkpoint, load_model_state,
-                     make_writable_dir, ordered_pair, positive_float, positive_int, save_json)
+                     make_writable_dir, ordered_pair, positive_float, positive_int, probability,
+                     save_checkpoint, save_json)
 from model import ARCHS, SimCLR
 
 MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim", "proj_layers", "proj_out_bn")  # what a checkpoint's weights depend on
@@ -59,10 +62,11 @@ def get_args_parser():
     g.add_argument("--val-seed", type=int, default=0,
                    help="draws the validation images; fixed, so every run and seed sees the same (default: %(default)s)")
     g = p.add_argument_group("protocols")
-    g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn", "finetune"),
+    g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn", "finetune", "distill"),
                    help="linear: logistic regression on frozen features; knn: k nearest neighbours (cosine, "
                         "temperature-weighted votes); finetune: the whole network with labels, test accuracy "
-                        "after every epoch (default: %(default)s)")
+                        "along the way; distill: SimCLRv2's third step, a student trained on every training image "
+                        "without labels from the fine-tuned network's predictions (default: %(default)s)")
     g.add_argument("--label-fraction", nargs="+", type=label_fraction, default=[1.0],
                    help="class-balanced fractions of the training labels, e.g. 0.01 0.1 1.0 (default: %(default)s)")
     g.add_argument("--solver", default="lbfgs", choices=("lbfgs", "sgd"),
@@ -76,12 +80,18 @@ def get_args_parser():
     g.add_argument("--lr", type=positive_float, default=0.1, help="linear sgd learning rate (default: %(default)s)")
     g.add_argument("--knn-k", type=positive_int, default=200, help="(default: %(default)s)")
     g.add_argument("--knn-t", type=positive_float, default=0.07, help="vote temperature (default: %(default)s)")
-    g.add_argument("--finetune-epochs", type=positive_int, default=10, help="(default: %(default)s)")
+    g.add_argument("--finetune-epochs", nargs="+", type=positive_int, default=[10],
+                   help="one value, or one per --finetune-label-fraction (SimCLRv2: 60 at 1%%, 30 at 10%%) "
+                        "(default: %(default)s)")
     g.add_argument("--finetune-label-fraction", nargs="+", type=label_fraction, default=None,
                    help="label fractions to fine-tune at (default: those of --label-fraction)")
     g.add_argument("--finetune-lr", nargs="+", type=positive_float, default=[0.05],
                    help="Nesterov SGD base rate per 256 images, cosine decay; several values are each run and "
                         "reported, to choose one on --eval-on val (default: %(default)s)")
+    g.add_argument("--finetune-head-layers", nargs="+", type=at_least(0), default=[0],
+                   help="fine-tune from inside the projection head: keep its first K layers (linear, BN, ReLU) "
+                        "under the classifier; SimCLRv2 keeps 1 of its 3; 0: from the encoder; several values are "
+                        "each run; the random-init network uses 0 (default: %(default)s)")
     g.add_argument("--finetune-lr-random", nargs="+", type=positive_float, default=None,
                    help="the same for the random-init network, which gets its own rate (default: --finetune-lr)")
     g.add_argument("--finetune-weight-decay", type=at_least(0, float), default=0.0,
@@ -89,6 +99,20 @@ def get_args_parser():
     g.add_argument("--finetune-crop-scale", type=float, nargs=2, default=(0.08, 1.0), action=ordered_pair(0, 1),
                    help="area range of the fine-tuning crop; flips too, no colour (default: %(default)s, the "
                         "standard inception crop of the paper's fine-tuning)")
+    g.add_argument("--save-finetuned", action="store_true",
+                   help="write each fine-tuned and distilled network to OUTPUT_DIR (default: %(default)s)")
+    g = p.add_argument_group("distillation (SimCLRv2, arXiv 2006.10029)")
+    g.add_argument("--distill-epochs", type=positive_int, default=2, help="(default: %(default)s)")
+    g.add_argument("--distill-tau", type=positive_float, default=1.0,
+                   help="temperature of the teacher's and the student's softmax (default: %(default)s, SimCLRv2's)")
+    g.add_argument("--distill-alpha", type=probability, default=1.0,
+                   help="weight of the distillation loss; 1 - alpha weighs the labelled loss on the labelled "
+                        "images (default: %(default)s: labels unused, as SimCLRv2's ImageNet students)")
+    g.add_argument("--distill-lr", type=positive_float, default=None,
+                   help="student's base rate per 256 images (default: the teacher's fine-tuning rate)")
+    g.add_argument("--distill-init", default="pretrained", choices=("pretrained", "random"),
+                   help="the student starts from the pretrained SimCLR weights (with a new classifier) or from "
+                        "random weights (default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
@@ -112,6 +136,10 @@ def load_encoders(args):
         a = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
         model = SimCLR.from_args(a)
         load_model_state(model, ckpt, path, MODEL_ARGS)
+        layers, deepest = len(model.projector.dims) - 1, max(args.finetune_head_layers)
+        if {"finetune", "distill"} & set(args.protocol) and deepest >= layers:
+            die(f"--finetune-head-layers {deepest}: {path} has a projection head of {layers} layers, so fine-tuning "
+                f"can keep 0 to {layers - 1} of them (train with --proj-layers 3 for SimCLRv2's head)")
         name = "simclr" if len(args.ckpt) == 1 else os.path.basename(os.path.dirname(os.path.abspath(path))) or str(i)
         encoders.append((name, model, a))
     first = encoders[0][2] if encoders else {}
@@ -340,43 +368,90 @@ def fit_bn_statistics(encoder, images, size, mean, std, device, dtype, batch_siz
     return encoder.eval()
 
 
-def finetune(model, train_images, ytr, test_images, yte, classes, size, mean, std, args, device, desc, lr):
-    """Train encoder + a linear head with labels (random crop and flip, Nesterov SGD, cosine decay, as the paper's
-    appendix B.5 without its LARS); top-1 on the evaluation images after every epoch."""
-    torch.manual_seed(args.seed)
-    encoder = copy.deepcopy(model.encoder).to(device).train()
-    head = torch.nn.Linear(model.feat_dim, classes).to(device)
-    net = torch.nn.Sequential(encoder, head).to(memory_format=torch.channels_last)
-    batch = min(args.batch_size, len(ytr))
-    steps = max(1, len(ytr) // batch)
+def supervised_net(model, head_layers, classes):
+    """A copy of the encoder and of the head's first `head_layers` layers, under a new linear classifier: the
+    network that fine-tuning and distillation train (SimCLRv2 keeps one layer of its head; 0 keeps none)."""
+    head = model.projector.first_layers(head_layers)
+    return nn.Sequential(OrderedDict(encoder=copy.deepcopy(model.encoder), head=copy.deepcopy(head),
+                                     classifier=nn.Linear(model.projector.dims[head_layers], classes)))
+
+
+def train_net(net, images, loss_fn, data, args, device, epochs, lr, desc):
+    """Nesterov SGD with cosine decay over `images` (random crop and flip, as the paper's appendix B.5 without its
+    LARS; weight decay on weights only); loss_fn(logits, idx, x) -> loss of the batch `idx` and its views x.
+    Top-1 on the evaluation images after about ten evenly spaced epochs and the last.
+    -> ({epoch: top-1}, logits of the evaluation images)"""
+    net = net.to(device, memory_format=torch.channels_last)
+    batch = min(args.batch_size, len(images))
+    steps = max(1, len(images) // batch)
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([dict(params=decay, weight_decay=args.finetune_weight_decay),
                            dict(params=rest, weight_decay=0.0)], lr=lr * batch / 256, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.finetune_epochs * steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
+    size, mean, std = data["size"], data["mean"], data["std"]
     aug = BatchAugment(size, crop_scale=args.finetune_crop_scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
                        mean=mean.tolist(), std=std.tolist()).to(device)
     gen = torch.Generator().manual_seed(args.seed)
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    curve = []
-    for epoch in tqdm(range(args.finetune_epochs), desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    every, curve = math.ceil(epochs / 10), {}
+    for epoch in tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True, disable=None):
         net.train()
-        perm = torch.randperm(len(ytr), generator=gen)
+        perm = torch.randperm(len(images), generator=gen)
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
-            x = aug(train_images[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
+            x = aug(images[idx].to(device), gen).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(net(x), ytr[idx].to(device))
+                loss = loss_fn(net(x), idx, x)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-        net.eval()
-        logits = predict(net, test_images, size, mean, std, device, dtype)
-        curve.append(topk(logits, yte, 1))
+        if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+            net.eval()
+            logits = predict(net, data["eval_images"], size, mean, std, device, dtype)
+            curve[epoch + 1] = topk(logits, data["yev"], 1)
     return curve, logits
+
+
+def finetune(model, images, labels, data, args, device, desc, lr, epochs, head_layers=0):
+    """Fine-tune the encoder (and `head_layers` head layers) with a linear classifier on labelled images.
+    -> ({epoch: top-1}, logits of the evaluation images, the fine-tuned network)"""
+    torch.manual_seed(args.seed)  # the classifier's init
+    net = supervised_net(model, head_layers, data["classes"])
+    labels = labels.to(device)
+    curve, logits = train_net(net, images, lambda out, idx, x: F.cross_entropy(out, labels[idx]), data, args,
+                              device, epochs, lr, desc)
+    return curve, logits, net
+
+
+def distill_loss(student_logits, teacher_logits, tau=1.0):
+    """SimCLRv2's distillation loss (arXiv 2006.10029, eq. 2): cross-entropy of the student's softmax(./tau) to
+    the teacher's softmax(./tau), times tau^2 as in the official code; mean over the batch, in float32."""
+    p_teacher = F.softmax(teacher_logits.float() / tau, dim=1)  # (B, classes)
+    return -(p_teacher * F.log_softmax(student_logits.float() / tau, dim=1)).sum(1).mean() * tau ** 2
+
+
+def distill(teacher, student, images, labelled, labels, data, args, device, desc, lr):
+    """Train `student` on every image of `images` to match the frozen teacher's softened predictions on the same
+    view (no labels), plus with --distill-alpha < 1 the labelled loss of the images in `labelled`, whose labels are
+    `labels`: the only labels read. -> ({epoch: top-1}, logits of the evaluation images)"""
+    teacher = teacher.to(device, memory_format=torch.channels_last).eval()
+    known = torch.full((len(images),), -1, dtype=torch.long)  # -1: unlabelled, ignored by the labelled loss
+    known[labelled] = labels
+    known, alpha, dtype = known.to(device), args.distill_alpha, amp_dtype(args.amp, device)
+
+    def loss_fn(out, idx, x):
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            target = teacher(x)  # (B, classes)
+        loss = alpha * distill_loss(out, target, args.distill_tau)
+        y = known[idx.to(device)]
+        if alpha < 1 and (y >= 0).any():
+            loss = loss + (1 - alpha) * F.cross_entropy(out.float(), y, ignore_index=-1)
+        return loss
+    return train_net(student, images, loss_fn, data, args, device, args.distill_epochs, lr, desc)
 
 
 @torch.no_grad()
@@ -396,6 +471,14 @@ def topk(logits, y, k):
 
 # ------------------------------------------------------------------------------------------------- plots
 
+def stage(r, results, init=False):
+    """A result's name in tables and plots: 'simclr finetune head 1', with the rate where rates differ."""
+    name = f"{r['encoder']} {'init' if init and r['protocol'] == 'finetune' else r['protocol']}"
+    name += f" head {r['head_layers']}" if r.get("head_layers") else ""
+    rates = {x.get("lr") for x in results if x["protocol"] == r["protocol"]}
+    return name + (f" lr {r['lr']:g}" if "lr" in r and len(rates) > 1 else "")
+
+
 def plot_results(results, out, dataset, split="test"):
     """ablation_DATASET.png: fine-tuning test accuracy per epoch, per encoder and label fraction;
     label_fractions_DATASET.png: accuracy against the label fraction, per encoder and protocol."""
@@ -409,8 +492,8 @@ def plot_results(results, out, dataset, split="test"):
         fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.8), squeeze=False)
         for ax, f in zip(axes[0], fractions):
             for r in (r for r in curves if r["label_fraction"] == f):
-                lr = f", lr {r['lr']:g}" if len({x.get("lr") for x in curves}) > 1 else ""
-                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=f"{r['encoder']} init{lr}")
+                epochs = r.get("curve_epochs") or range(1, len(r["curve"]) + 1)
+                ax.plot(epochs, r["curve"], marker="o", label=stage(r, results, init=True))
             ax.set(xlabel="fine-tuning epoch", ylabel=f"{split} top-1 (%)",
                    title=f"{dataset}: fine-tuning on {f:.0%} of the labels")
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -423,9 +506,9 @@ def plot_results(results, out, dataset, split="test"):
     fractions = sorted({r["label_fraction"] for r in results})
     if len(fractions) > 1:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for key in sorted({(r["encoder"], r["protocol"]) for r in results}):
-            rows = sorted((r for r in results if (r["encoder"], r["protocol"]) == key), key=lambda r: r["label_fraction"])
-            ax.plot([r["label_fraction"] for r in rows], [r["top1"] for r in rows], marker="o", label=" ".join(key))
+        for key in dict.fromkeys(stage(r, results) for r in results):  # in the order they ran
+            rows = sorted((r for r in results if stage(r, results) == key), key=lambda r: r["label_fraction"])
+            ax.plot([r["label_fraction"] for r in rows], [r["top1"] for r in rows], marker="o", label=key)
         ax.set(xscale="log", xlabel="fraction of training labels", ylabel=f"{split} top-1 (%)", title=dataset)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -444,6 +527,11 @@ def main(args):
     device = check_device(args.device)
     dtype = amp_dtype(args.amp, device)  # before any work: fp16 on the CPU is refused
     args.finetune_label_fraction = args.finetune_label_fraction or args.label_fraction
+    fractions, epochs = args.finetune_label_fraction, args.finetune_epochs
+    if len(epochs) not in (1, len(fractions)):
+        die(f"--finetune-epochs takes one value or one per fine-tuning label fraction ({len(fractions)}), got "
+            f"{len(epochs)}")
+    args.finetune_epochs = epochs * len(fractions) if len(epochs) == 1 else epochs
     if not args.ckpt and args.dataset is None:
         die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
     encoders = load_encoders(args)
@@ -452,15 +540,15 @@ def main(args):
     first = encoders[0][2]
     data = load_data(args, first, device)
     results = []
-    for name, model, _ in encoders:
+    for name, model, a in encoders:
         if model is not None:
             model = model.to(device, memory_format=torch.channels_last)
         if name == "random":
             fit_bn_statistics(model.encoder, data["train_images"], data["size"], data["mean"], data["std"], device, dtype)
         if {"linear", "knn"} & set(args.protocol):
             results += frozen_protocols(name, model, data, args, device, dtype)
-        if "finetune" in args.protocol and model is not None:
-            results += finetune_protocol(name, model, data, args, device)
+        if {"finetune", "distill"} & set(args.protocol) and model is not None:
+            results += finetune_protocol(name, model, a, data, args, device, out)
 
     dataset, split = data["dataset"], args.eval_on
     plots = plot_results(results, out, dataset, split)
@@ -551,26 +639,59 @@ def frozen_protocols(name, model, data, args, device, dtype):
     return rows
 
 
-def finetune_protocol(name, model, data, args, device):
-    """finetune at every --finetune-label-fraction and rate (the random-init network's own rates)."""
-    rows = []
-    lrs = args.finetune_lr_random if name == "random" and args.finetune_lr_random else args.finetune_lr
-    for f in args.finetune_label_fraction:
-        for lr in lrs:
-            idx, t1 = data["subsets"][f], time.time()
-            curve, logits = finetune(model, data["train_images"][idx], data["ytr"][idx], data["eval_images"],
-                                     data["yev"], data["classes"], data["size"], data["mean"], data["std"], args,
-                                     device, desc=f"finetune {name} {f:g} lr {lr:g}", lr=lr)
-            rows.append(dict(encoder=name, protocol="finetune", label_fraction=f, split=args.eval_on, lr=lr,
-                             top1=curve[-1], top5=topk(logits, data["yev"], 5), curve=curve, train_samples=len(idx),
-                             seconds=round(time.time() - t1, 1)))
+def finetune_protocol(name, model, args_, data, args, device, out):
+    """finetune at every --finetune-label-fraction, head depth and rate (the random-init network: its own rates,
+    from the encoder); then distill, the teacher being the SimCLR network fine-tuned at the first rate from the
+    deepest --finetune-head-layers."""
+    rows, random = [], name == "random"
+    lrs = args.finetune_lr_random if random and args.finetune_lr_random else args.finetune_lr
+    depths = [0] if random else args.finetune_head_layers
+    for f, epochs in zip(args.finetune_label_fraction, args.finetune_epochs):
+        idx, teacher = data["subsets"][f], None
+        for k in depths:
+            for lr in lrs:
+                t1, tag = time.time(), f"{name}_{f:g}_head{k}_lr{lr:g}"
+                curve, logits, net = finetune(model, data["train_images"][idx], data["ytr"][idx], data, args, device,
+                                              f"finetune {tag}", lr, epochs, k)
+                rows.append(result_row(name, "finetune", f, args, curve, logits, data, t1, lr=lr, head_layers=k,
+                                       train_samples=len(idx)))
+                save_network(net, out, f"finetuned_{tag}", args_, k, args)
+                if k == depths[-1] and lr == lrs[0]:
+                    teacher = (net, k, lr, rows[-1]["top1"])
+        if "distill" in args.protocol and not random:
+            net, k, lr, teacher_top1 = teacher
+            lr = args.distill_lr or lr
+            torch.manual_seed(args.seed)  # the student's classifier (and weights, from random init)
+            init = model if args.distill_init == "pretrained" else SimCLR.from_args(args_, zero_init_residual=False)
+            student, t1, tag = supervised_net(init, k, data["classes"]), time.time(), f"{name}_{f:g}_head{k}_lr{lr:g}"
+            curve, logits = distill(net, student, data["train_images"], idx, data["ytr"][idx], data, args, device,
+                                    f"distill {tag}", lr)
+            rows.append(result_row(name, "distill", f, args, curve, logits, data, t1, lr=lr, head_layers=k,
+                                   teacher_top1=teacher_top1, train_samples=len(data["ytr"]), labelled=len(idx),
+                                   init=args.distill_init, tau=args.distill_tau, alpha=args.distill_alpha))
+            save_network(student, out, f"distilled_{tag}", args_, k, args)
     return rows
+
+
+def result_row(name, protocol, f, args, curve, logits, data, t1, **extra):
+    return dict(encoder=name, protocol=protocol, label_fraction=f, split=args.eval_on, **extra,
+                top1=curve[max(curve)], top5=topk(logits, data["yev"], 5), curve=list(curve.values()),
+                curve_epochs=list(curve), seconds=round(time.time() - t1, 1))
+
+
+def save_network(net, out, stem, train_args, head_layers, args):
+    """With --save-finetuned: OUT/STEM.pt, the classifier network (encoder, head layers, linear classifier)."""
+    if args.save_finetuned:
+        state = {k: v.cpu() for k, v in net.state_dict().items()}
+        save_checkpoint(os.path.join(out, stem + ".pt"), {"model": state, "head_layers": head_layers,
+                                                          "args": train_args})
 
 
 def print_table(results, dataset, split="test"):
     if not results:
         return
-    rows = [(r["encoder"], r["protocol"] + (f" lr {r['lr']:g}" if "lr" in r else ""), f"{r['label_fraction']:g}",
+    rows = [(r["encoder"], r["protocol"] + (f" head {r['head_layers']}" if r.get("head_layers") else "")
+             + (f" lr {r['lr']:g}" if "lr" in r else ""), f"{r['label_fraction']:g}",
              f"{r['top1']:.2f}", f"{r['top5']:.2f}") for r in results]
     head = ("encoder", "protocol", "labels", "top-1 %", "top-5 %")
     widths = [max(len(x[i]) for x in rows + [head]) for i in range(5)]

@@ -78,6 +78,14 @@ class ProjectionHead(nn.Module):
             mods.append(nn.BatchNorm1d(proj_dim, affine=False))
         self.net = nn.Sequential(*mods)
         self.scale = nn.Parameter(torch.ones(proj_dim)) if out_bn else None  # the output BN's gamma (no beta)
+        self.dims = dims  # dims[k]: the width after k layers
+
+    def first_layers(self, k):
+        """The head's first k layers, each (linear, BN, ReLU), sharing their modules: SimCLRv2 fine-tunes from the
+        first layer of its 3-layer head (the official ft_proj_selector). k = 0 is empty (from the encoder)."""
+        if not 0 <= k < len(self.dims) - 1:
+            raise ValueError(f"the head has {len(self.dims) - 1} layers: keep 0 to {len(self.dims) - 2} of them, got {k}")
+        return nn.Sequential(*self.net[:3 * k])
 
     def forward(self, h):
         z = self.net(h)  # (B, proj_dim)

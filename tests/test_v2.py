@@ -1,0 +1,166 @@
+"""SimCLRv2's semi-supervised steps (arXiv 2006.10029): fine-tuning from inside a 3-layer head, and self-distillation
+on unlabelled images."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval_linear
+import train
+from conftest import one_line_exit_2, write_idx
+from model import SimCLR
+
+TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16", "--amp", "off",
+        "--no-download", "--no-aug-compile", "--log-every", "1"]
+
+
+def tiny_data(n=32, size=16, classes=4, seed=0):
+    """The dict eval_linear's protocols take, on seeded random uint8 images."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    y = torch.arange(n) % classes
+    return dict(size=size, classes=classes, train_images=images, ytr=y, eval_images=images[:8], yev=y[:8],
+                mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3))
+
+
+def eval_args(*extra):
+    return eval_linear.get_args_parser().parse_args(["--amp", "off", "--batch-size", "8", *extra])
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_finetuning_from_head_layer_k_trains_the_encoder_k_head_layers_and_the_classifier(k, monkeypatch):
+    torch.manual_seed(0)
+    model = SimCLR("resnet18", proj_dim=8, cifar_stem=True, width=0.125, proj_layers=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimised = []
+
+    class SpySGD(torch.optim.SGD):
+        def __init__(self, groups, **kw):
+            super().__init__(groups, **kw)
+            optimised.extend(p for g in self.param_groups for p in g["params"])
+    monkeypatch.setattr(eval_linear.torch.optim, "SGD", SpySGD)
+    data = tiny_data()
+    _, _, net = eval_linear.finetune(model, data["train_images"], data["ytr"], data, eval_args(), torch.device("cpu"),
+                                     "test", 0.1, 1, head_layers=k)
+    assert {id(p) for p in optimised} == {id(p) for p in net.parameters()} and len(optimised) == len(list(net.parameters()))
+    # the head's first k layers (linear, BN, ReLU: 3 modules each), none after them
+    heads = {n.split(".")[1] for n in net.state_dict() if n.startswith("head.")}
+    assert heads == {str(i) for i in range(3 * k) if i % 3 != 2}  # ReLUs hold no state
+    assert {n.split(".")[0] for n in net.state_dict()} == {"encoder", "classifier"} | ({"head"} if k else set())
+    assert net.classifier.in_features == model.projector.dims[k]
+    kept = [p for p in model.projector.net[:3 * k].parameters()]
+    assert all(any(q.shape == p.shape for q in net.head.parameters()) for p in kept)
+    # the pretrained model is left as it was (fine-tuning trains copies)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # and the copies did move
+    moved = net.head[0].weight if k else net.encoder.conv1.weight
+    original = model.projector.net[0].weight if k else model.encoder.conv1.weight
+    assert not torch.equal(moved.detach(), original.detach())
+
+
+def test_head_layers_beyond_the_checkpoint_head_is_one_line(tmp_path, capsys):
+    data = str(write_idx(tmp_path / "fm", n_train=40, n_test=10))
+    out = tmp_path / "run"
+    train.main(train.get_args_parser().parse_args(TINY + ["--data-dir", data, "--output-dir", str(out),
+                                                          "--max-steps", "1"]))
+    capsys.readouterr()
+    args = eval_linear.get_args_parser().parse_args(["--ckpt", str(out / "last.pt"), "--protocol", "finetune",
+                                                     "--finetune-head-layers", "2", "--data-dir", data])
+    assert "--finetune-head-layers 2" in one_line_exit_2(capsys, lambda: eval_linear.main(args))
+
+
+def test_distillation_loss_is_the_official_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    for tau in (1.0, 2.0):
+        ref = sum(-(F.softmax(t[i] / tau, 0) * F.log_softmax(s[i] / tau, 0)).sum() for i in range(5)) / 5 * tau ** 2
+        torch.testing.assert_close(eval_linear.distill_loss(s, t, tau).double(), ref, rtol=1e-6, atol=1e-6)  # float32
+
+
+def test_student_converges_to_a_known_linear_teacher():
+    """A fixed linear teacher on the pixels; a linear student trained on its softened predictions alone matches
+    them: the softmax outputs agree to within 0.05 on every image (they start ~0.3 apart)."""
+    torch.manual_seed(0)
+    data = tiny_data(n=64, size=4, classes=3)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    nn.init.normal_(teacher[1].weight, std=1.0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    args = eval_args("--distill-epochs", "150", "--finetune-crop-scale", "1", "1")
+
+    def probs(net):
+        x = (data["train_images"].float() / 255 - 0.5) / 0.25
+        with torch.no_grad():
+            return F.softmax(net(x), 1)
+    start = (probs(student) - probs(teacher)).abs().max()
+    eval_linear.distill(teacher, student, data["train_images"], torch.arange(0), torch.zeros(0, dtype=torch.long),
+                        data, args, torch.device("cpu"), "test", lr=2.0)
+    gap = (probs(student) - probs(teacher)).abs().max()
+    assert start > 0.3 and gap < 0.05, (start, gap)
+
+
+@pytest.mark.parametrize("alpha", ["1.0", "0.5"])
+def test_distillation_never_reads_the_labels_of_unlabelled_images(alpha):
+    data = tiny_data(n=32, size=8, classes=4)
+    labelled = torch.arange(0, 32, 4)  # 8 labelled images
+
+    def run(scramble):
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+        student = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+        y = data["ytr"].clone()
+        if scramble:
+            rest = torch.ones(32, dtype=torch.bool)
+            rest[labelled] = False
+            y[rest] = torch.randperm(int(rest.sum()), generator=torch.Generator().manual_seed(1)) % 4
+        eval_linear.distill(teacher, student, data["train_images"], labelled, y[labelled], data,
+                            eval_args("--distill-epochs", "2", "--distill-alpha", alpha), torch.device("cpu"), "t", 0.5)
+        return student.state_dict()
+    a, b = run(False), run(True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_labelled_loss_joins_when_alpha_is_below_one():
+    data = tiny_data(n=32, size=8, classes=4)
+    results = []
+    for alpha in ("1.0", "0.5"):
+        torch.manual_seed(0)
+        teacher, student = nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+        eval_linear.distill(teacher, student, data["train_images"], torch.arange(8), data["ytr"][:8], data,
+                            eval_args("--distill-epochs", "1", "--distill-alpha", alpha), torch.device("cpu"), "t", 0.5)
+        results.append(student[1].weight.detach().clone())
+    assert not torch.equal(*results)
+
+
+def test_v2_protocols_end_to_end(tmp_path, capsys):
+    """A 3-layer head pretrained for 3 steps; fine-tuned from the encoder and from head layer 1 at two label
+    fractions, distilled, against random init: one table, one JSON line with every number, the saved networks."""
+    data = str(write_idx(tmp_path / "fm", n_train=80, n_test=20))
+    out = tmp_path / "run"
+    train.main(train.get_args_parser().parse_args(TINY + ["--data-dir", data, "--output-dir", str(out),
+                                                          "--max-steps", "3", "--proj-layers", "3"]))
+    capsys.readouterr()
+    eval_linear.main(eval_linear.get_args_parser().parse_args(
+        ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--amp", "off", "--batch-size", "16",
+         "--protocol", "linear", "finetune", "distill", "--label-fraction", "0.25", "0.5", "--finetune-epochs", "2", "3",
+         "--finetune-head-layers", "0", "1", "--distill-epochs", "1", "--weight-decay", "1e-3", "--save-finetuned"]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(lines[-1])["results"]
+    stages = [(r["encoder"], r["protocol"], r.get("head_layers"), r["label_fraction"]) for r in rows]
+    for f in (0.25, 0.5):
+        for stage in [("simclr", "linear", None), ("simclr", "finetune", 0), ("simclr", "finetune", 1),
+                      ("simclr", "distill", 1), ("random", "finetune", 0)]:
+            assert stages.count(stage + (f,)) == 1, stage
+    fine = [r for r in rows if r["protocol"] == "finetune"]
+    assert all(r["curve_epochs"][-1] == (2 if r["label_fraction"] == 0.25 else 3) for r in fine)
+    distilled = [r for r in rows if r["protocol"] == "distill"]
+    assert all(r["train_samples"] == 80 and r["labelled"] == round(80 * r["label_fraction"]) for r in distilled)
+    assert all(not math.isnan(r["top1"]) for r in rows)
+    saved = torch.load(out / "finetuned_simclr_0.25_head1_lr0.05.pt", weights_only=True)
+    assert saved["head_layers"] == 1 and {k.split(".")[0] for k in saved["model"]} == {"encoder", "head", "classifier"}
+    assert not any(k.startswith(("head.3", "head.4", "head.6", "head.7")) for k in saved["model"])
+    assert (out / "distilled_simclr_0.5_head1_lr0.05.pt").exists()
+    assert (out / "label_fractions_fashion-mnist.png").stat().st_size > 0
+    assert any("finetune head 1" in line for line in lines) and any("distill head 1" in line for line in lines)
