@@ -643,9 +643,9 @@ def finetune_protocol(name, model, args_, data, args, device, out):
     """finetune at every --finetune-label-fraction, head depth and rate (the random-init network: its own rates,
     from the encoder); then distill, the teacher being the SimCLR network fine-tuned at the first rate from the
     deepest --finetune-head-layers."""
-    rows, random = [], name == "random"
-    lrs = args.finetune_lr_random if random and args.finetune_lr_random else args.finetune_lr
-    depths = [0] if random else args.finetune_head_layers
+    rows, scratch = [], name == "random"
+    lrs = args.finetune_lr_random if scratch and args.finetune_lr_random else args.finetune_lr
+    depths = [0] if scratch else args.finetune_head_layers
     for f, epochs in zip(args.finetune_label_fraction, args.finetune_epochs):
         idx, teacher = data["subsets"][f], None
         for k in depths:
@@ -658,7 +658,7 @@ def finetune_protocol(name, model, args_, data, args, device, out):
                 save_network(net, out, f"finetuned_{tag}", args_, k, args)
                 if k == depths[-1] and lr == lrs[0]:
                     teacher = (net, k, lr, rows[-1]["top1"])
-        if "distill" in args.protocol and not random:
+        if "distill" in args.protocol and not scratch:
             net, k, lr, teacher_top1 = teacher
             lr = args.distill_lr or lr
             torch.manual_seed(args.seed)  # the student's classifier (and weights, from random init)
