@@ -464,6 +464,15 @@ class TwoViewBatches:
                 self.dataset, batch_size=per_rank, sampler=self.sampler, drop_last=True, num_workers=workers,
                 pin_memory=self.device.type == "cuda", worker_init_fn=worker_init_fn)
 
+    def steps(self, step, total_steps):
+        """(step, epoch, (views, labels)) from `step` to total_steps across epochs, from mid-epoch on resume."""
+        while step < total_steps:
+            epoch, start = divmod(step, self.steps_per_epoch)
+            n = min(self.steps_per_epoch - start, total_steps - step)
+            for x, y in itertools.islice(self.epoch(epoch, start), n):
+                yield step, epoch, (x, y)
+                step += 1
+
     def epoch(self, epoch, start=0):
         """Yield the batches of steps start, start + 1, ... of `epoch`."""
         self.sampler.set_epoch(epoch)

@@ -27,8 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def die(msg, every_rank=False):
-    """One actionable line on stderr and exit code 2, never a traceback. Under torchrun only rank 0 speaks,
-    unless the error may be one rank's alone (every_rank): then each rank that meets it says so."""
+    """One actionable line on stderr, exit code 2, no traceback; under torchrun rank 0 speaks, or every_rank."""
     rank = os.environ.get("RANK", "0")
     if rank == "0" or every_rank:
         prefix = f"[rank {rank}] " if every_rank and int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -37,8 +36,7 @@ def die(msg, every_rank=False):
 
 
 def checked(cast, ok, rule):
-    """An argparse type: cast the text (a ValueError says 'invalid float value'), then ok(value), else the
-    one-line error '--flag RULE, got TEXT'."""
+    """An argparse type: cast(text), then ok(value), else the one-line error '--flag RULE, got TEXT'."""
     def parse(text):
         if not ok(value := cast(text)):
             raise argparse.ArgumentTypeError(f"{rule}, got {text}")
@@ -62,16 +60,15 @@ def ordered_pair(low, high=float("inf")):
         def __call__(self, parser, namespace, values, option_string=None):
             a, b = values
             if not low < a <= b <= high:
-                top = f" <= {high}" if high < float("inf") else ""
-                parser.error(f"{option_string} takes MIN MAX with {low} < MIN <= MAX{top}, got {a} {b}")
+                parser.error(f"{option_string} takes MIN MAX with {low} < MIN <= MAX"
+                             f"{f' <= {high}' if high < float('inf') else ''}, got {a} {b}")
             setattr(namespace, self.dest, (a, b))
     return OrderedPair
 
 
 # ------------------------------------------------------------------------------------------ devices
 def check_device(name):
-    """The torch.device of --device, or one line saying why it cannot be used. A bare 'cuda' becomes the
-    current GPU's index, so that device comparisons mean what they say."""
+    """The torch.device of --device (a bare 'cuda' gets the current GPU's index), or one line why not."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -99,8 +96,7 @@ def setup_distributed(name):
 
 
 def amp_dtype(name, device):
-    """The autocast dtype of --amp: None (off), bfloat16, or float16 (with a GradScaler). fp16 on the CPU is
-    refused: most CPUs emulate it, many times slower than bf16 or float32."""
+    """The autocast dtype of --amp: None (off), bfloat16, or float16 (with a GradScaler; refused on the CPU)."""
     if name == "off":
         return None
     if name == "fp16" and device.type == "cpu":
@@ -124,8 +120,7 @@ def make_writable_dir(path, what, fix):
 
 
 def save_checkpoint(path, obj, dump=torch.save, mode="wb"):
-    """Atomic: dump(obj, file) into a temp file in the same folder, flushed to disk, then os.replace, so that a
-    checkpoint or a result already written is never left half-overwritten."""
+    """Atomic: dump into a temp file beside `path`, fsync, os.replace: what was written is never half-overwritten."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, mode) as f:
         dump(obj, f)
@@ -137,7 +132,12 @@ def save_checkpoint(path, obj, dump=torch.save, mode="wb"):
 save_json = partial(save_checkpoint, dump=partial(json.dump, indent=1), mode="w")
 
 
-def try_load_checkpoint(path):
+def load_checkpoint(path):
+    ckpt, error = try_load(path)
+    return ckpt if error is None else die(error)
+
+
+def try_load(path):
     """(checkpoint, None) or (None, why not in one line). weights_only=True: a checkpoint cannot run code."""
     if not os.path.isfile(path):
         return None, f"checkpoint {path} does not exist: check the path (train.py writes OUTPUT_DIR/last.pt)"
@@ -151,20 +151,12 @@ def try_load_checkpoint(path):
     return ckpt, None
 
 
-def load_checkpoint(path):
-    ckpt, error = try_load_checkpoint(path)
-    if error:
-        die(error)
-    return ckpt
-
-
 def agree_on_resume(path, world):
-    """The checkpoint to resume from, or None, decided by rank 0: `path` is each rank's own candidate (None:
-    none there). Every rank then loads its own copy, and the ranks check that they all hold rank 0's step; a
-    rank that cannot is a one-line error on every rank, never a hang or a silent divergence."""
+    """The checkpoint to resume from, or None, as rank 0 decides; `path` is each rank's own candidate. Every rank
+    loads its copy and checks rank 0's step: a rank that cannot says so in one line, never hangs or diverges."""
     if world == 1:
         return load_checkpoint(path) if path else None
-    ckpt, error = try_load_checkpoint(path) if path and dist.get_rank() == 0 else (None, None)
+    ckpt, error = try_load(path) if path and dist.get_rank() == 0 else (None, None)
     group = dist.new_group(backend="gloo")  # small control messages, on the CPU whatever the device
     decision = [path is not None, ckpt["step"] if ckpt else -1, error]  # rank 0's
     dist.broadcast_object_list(decision, src=0, group=group)
@@ -174,7 +166,7 @@ def agree_on_resume(path, world):
     if not resume:
         return None
     if dist.get_rank() != 0:
-        ckpt, error = try_load_checkpoint(path) if path else (None, "no checkpoint in this rank's --output-dir")
+        ckpt, error = try_load(path) if path else (None, "no checkpoint in this rank's --output-dir")
         if ckpt is not None and ckpt["step"] != step:
             error = f"{path} holds step {ckpt['step']}"
     ok = torch.tensor([error is None], dtype=torch.int32)
@@ -193,8 +185,7 @@ def changed_flags(old, new, ignore=()):
 
 def load_model_state(model, ckpt, path, flags, wanted=None):
     """Strict load; a checkpoint of another architecture is one line naming both by `flags` (arg names)."""
-    def describe(a):
-        return ", ".join(f"{k} {a.get(k)}" for k in flags if k in a)
+    describe = lambda a: ", ".join(f"{k} {a.get(k)}" for k in flags if k in a)  # noqa: E731
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
@@ -253,8 +244,7 @@ def truncate_jsonl(path, step):
 
 
 def plot_jsonl(path, out, panels):
-    """A PNG of the JSON-lines log `path`: a panel per (title, {key: label}) of `panels`, each key against the
-    step; keys and panels without data are left out."""
+    """A PNG of the JSON-lines log: a panel per (title, {key: label}) with data, each key against the step."""
     from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figures to close
     rows, series = read_jsonl(path), []
     for title, keys in panels:
@@ -284,8 +274,8 @@ def git_sha():
 
 # ------------------------------------------------------------------------------------------ signals
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (a second signal stops at once). Under
-    torchrun the ranks agree through a small gloo all_reduce, so that they all stop after the same step."""
+    """SIGINT/SIGTERM stop the loop after the current step (a second one at once); under torchrun the ranks agree
+    through a gloo all_reduce, so that they all stop after the same step."""
 
     def __init__(self, world):
         self.signal = None
@@ -301,7 +291,7 @@ class StopRequest:
             signal.signal(s, h)
 
     def __bool__(self):
-        """Whether to stop now; under torchrun a collective call, made by every rank after the same step."""
+        """Whether to stop now (under torchrun a collective: every rank calls it after the same step)."""
         if self.group is None:
             return self.signal is not None
         flag = torch.tensor([self.signal is not None], dtype=torch.int32)

@@ -2,7 +2,6 @@
 the NT-Xent loss, LARS with warmup and cosine decay, in one hand-written AMP loop. The same file runs as
 `python train.py` and as `torchrun --nproc_per_node K train.py` (DDP, negatives from every rank)."""
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -43,23 +42,19 @@ def get_args_parser():
     arg("--dataset", default="stl10", choices=list(DATASETS), help="(default: %(default)s)")
     arg("--data-dir", help="dataset root, or the image folder (default: ./data; fashion-mnist: Debian's first)")
     arg("--split", help="(default: stl10 train+unlabeled, 105k images; folder: DIR/train or DIR; else train)")
-    arg("--image-size", type=positive_int,
-        help="side of the views (default: the dataset's, 96 STL-10, 32 CIFAR, 28 Fashion-MNIST, 224 folder)")
+    arg("--image-size", type=positive_int, help="side of the views (default: the dataset's, e.g. 96 for STL-10)")
     arg("--download", action=on_off, default=True, help="torchvision downloads missing datasets (default: %(default)s)")
-    arg("--pipeline", default="batched", choices=("batched", "per-image"), help="batched: the data as one uint8 "
-        "tensor on the device, views made there by BatchAugment; per-image: SimCLRTransform in DataLoader workers "
-        "(default: %(default)s)")
+    arg("--pipeline", default="batched", choices=("batched", "per-image"), help="batched: views made on the device "
+        "by BatchAugment; per-image: SimCLRTransform in DataLoader workers (default: %(default)s)")
     arg("--aug-compile", action=on_off, help="torch.compile BatchAugment (default: on the CPU, and with --compile)")
     arg("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
         help="data loader processes per rank for --pipeline per-image (default: %(default)s)")
 
     arg = p.add_argument_group("model").add_argument
     arg("--arch", default="resnet18", choices=ARCHS, help="torchvision ResNet (default: %(default)s)")
-    arg("--width", type=positive_float, default=1.0,
-        help="width multiplier of every layer, the paper's 1x/2x/4x; below 1 for CPU runs (default: %(default)s)")
+    arg("--width", type=positive_float, default=1.0, help="the paper's 1x/2x/4x (default: %(default)s)")
     arg("--cifar-stem", action=on_off, help="3x3 stride-1 first conv, no max-pool (default: on for images up to 64 px)")
-    arg("--stem-stride", type=int, default=1, choices=(1, 2),
-        help="stride of the small stem's 3x3 conv; 2 quarters the compute at 28-32 px (default: %(default)s)")
+    arg("--stem-stride", type=int, default=1, choices=(1, 2), help="stride of that 3x3 conv (default: %(default)s)")
     arg("--proj-dim", type=positive_int, default=128, help="output size of the projection head (default: %(default)s)")
     arg("--proj-layers", type=int, default=2, choices=(2, 3),
         help="linear layers of the projection head: 2 is SimCLR's, 3 SimCLRv2's (default: %(default)s)")
@@ -68,8 +63,7 @@ def get_args_parser():
     arg("--sync-bn", action=on_off, help="BN over all ranks' batch, the paper's global BN (default: on when world > 1)")
 
     arg = p.add_argument_group("augmentation (paper, appendix A)").add_argument
-    arg("--jitter-strength", type=jitter_strength,
-        help="colour distortion strength s (default: 1.0; 0.5 on CIFAR as in the paper)")
+    arg("--jitter-strength", type=jitter_strength, help="colour distortion strength s (default: 1.0; CIFAR 0.5)")
     arg("--jitter-p", type=probability, default=0.8, help="probability of colour jitter (default: %(default)s)")
     arg("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), action=ordered_pair(0, 1),
         help="area range of the random resized crop (default: %(default)s)")
@@ -78,22 +72,18 @@ def get_args_parser():
     arg("--flip-p", type=probability, default=0.5, help="horizontal flip probability (default: %(default)s)")
     arg("--gray-p", type=probability, default=0.2, help="grayscale probability (default: %(default)s)")
     arg("--blur-p", type=probability, help="Gaussian blur probability (default: 0.5; 0 up to 32 px, as on CIFAR)")
-    arg("--blur-sigma", type=float, nargs=2, default=(0.1, 2.0), action=ordered_pair(0),
-        help="blur sigma range (default: %(default)s)")
-    arg("--rotate-p", type=probability, default=0.0,
-        help="probability of a 90/180/270 degree rotation, the paper's ablation (default: %(default)s)")
+    arg("--blur-sigma", type=float, nargs=2, default=(0.1, 2.0), action=ordered_pair(0), help="(default: %(default)s)")
+    arg("--rotate-p", type=probability, default=0.0, help="90/180/270 degree rotation (default: %(default)s)")
     arg("--solarize-p", type=probability, default=0.0, help="solarization probability (default: %(default)s)")
 
     arg = p.add_argument_group("optimization").add_argument
     arg("--batch-size", type=at_least(2), default=512, help="global batch N over all ranks, at least 2: each image "
         "needs others as negatives (default: %(default)s; the paper's best is 4096)")
-    arg("--micro-batch", type=positive_int, help="images per forward pass on each rank, a divisor of the rank's batch: "
-        "the exact loss and gradients of the whole batch by gradient caching (Gao et al. 2021), one extra forward, the "
-        "memory of this many images; BN normalises each micro-batch, as each GPU of DDP without --sync-bn does "
-        "(default: the whole batch)")
+    arg("--micro-batch", type=positive_int, help="images per forward on each rank: the exact loss and gradients of "
+        "the whole batch by gradient caching, with this many images' memory; BN per micro-batch, as DDP without "
+        "--sync-bn (default: the rank's batch)")
     arg("--epochs", type=positive_int, default=100, help="(default: %(default)s, the paper's ablations)")
-    arg("--max-steps", type=positive_int,
-        help="stop after this many steps, the schedule fitted to them (default: %(default)s: --epochs)")
+    arg("--max-steps", type=positive_int, help="stop after this many steps, the schedule fitted to them")
     arg("--temperature", type=positive_float, default=0.5,
         help="tau of NT-Xent (default: %(default)s, the official CIFAR-10 recipe; its ImageNet flag is 0.1)")
     arg("--optimizer", default="lars", choices=("lars", "sgd", "adam", "adamw"), help="(default: %(default)s)")
@@ -101,24 +91,21 @@ def get_args_parser():
         "(default: lars 0.3 as in the paper, sgd 0.05, adam/adamw 1e-3)")
     arg("--weight-decay", type=at_least(0, float), default=1e-6, help="(default: %(default)s; not on biases and BN)")
     arg("--momentum", type=float, default=0.9, help="LARS/SGD momentum (default: %(default)s)")
-    arg("--warmup-epochs", type=at_least(0, float), default=10,
-        help="linear warmup, then cosine decay (default: %(default)s)")
+    arg("--warmup-epochs", type=at_least(0, float), default=10, help="then cosine decay (default: %(default)s)")
     arg("--amp", default="bf16", choices=("bf16", "fp16", "off"),
         help="autocast dtype (default: %(default)s; fp16 with a GradScaler, CUDA only, where the GPU lacks bf16)")
 
     arg = p.add_argument_group("run").add_argument
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu",
         help="(default: %(default)s; under torchrun each rank takes cuda:LOCAL_RANK)")
-    arg("--channels-last", action=on_off, default=True,
-        help="NHWC memory format, faster convolutions with AMP (default: %(default)s)")
+    arg("--channels-last", action=on_off, default=True, help="NHWC memory format (default: %(default)s)")
     arg("--compile", action="store_true", help="torch.compile the model (default: %(default)s)")
     arg("--seed", type=int, default=0, help="(default: %(default)s)")
     arg("--output-dir", help="(default: runs/DATASET)")
     arg("--resume", help="checkpoint to continue from (default: OUTPUT_DIR/last.pt when it exists)")
     arg("--extend", action="store_true", help="resume with another --epochs/--max-steps on purpose (the schedule is "
         "refitted to the new length); the change and its step go into the checkpoint's history (default: %(default)s)")
-    arg("--save-every", type=at_least(0), default=0,
-        help="also write last.pt every this many steps (default: %(default)s, only at epoch ends)")
+    arg("--save-every", type=at_least(0), default=0, help="also save every this many steps (default: %(default)s)")
     arg("--save-every-epochs", type=positive_int, default=1, help="epochs between last.pt and curves.png (the last "
         "epoch and a stop always save); raise it where an epoch takes seconds (default: %(default)s)")
     arg("--log-every", type=at_least(1), default=10, help="steps between log lines (default: %(default)s)")
@@ -163,9 +150,8 @@ def main(args):
             f"use {'a smaller ' if args.micro_batch else ''}--micro-batch (the same step with the memory of fewer "
             "images), a smaller --batch-size (the learning rate scales with it), or more GPUs", every_rank=True)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keeping the last checkpoint
-        out = args.output_dir or os.path.join("runs", args.dataset)
-        print(f"\ninterrupted; {os.path.join(out, 'last.pt')} holds the last checkpoint: rerun the same command to "
-              "resume", file=sys.stderr)
+        out = os.path.join(args.output_dir or os.path.join("runs", args.dataset), "last.pt")
+        print(f"\ninterrupted; {out} holds the last checkpoint: rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     finally:
         if world > 1 and dist.is_initialized():
@@ -175,8 +161,7 @@ def main(args):
 def train(args, rank, world, device):
     resolve_args(args, world)
     seed_all(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     base = pretraining_data(args, world)
     make_writable_dir(args.output_dir, f"--output-dir {args.output_dir}", "pass a folder you can write to")
     if args.preview:
@@ -212,11 +197,9 @@ def train(args, rank, world, device):
         if rank == 0:
             print(f"{run.resumed_from} has already run {step} of {total_steps} steps: nothing to do")
         return
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    if args.compile:  # after DDP, the order torch supports
-        net = torch.compile(net)
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+           if world > 1 else model)
+    net = torch.compile(net) if args.compile else net  # after DDP, the order torch supports
     loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, device)
 
 
@@ -272,9 +255,8 @@ def build_optimizer(model, args, lr):
     """Biases and BN parameters (ndim <= 1) are excluded from weight decay and from the LARS adaptation."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lars=False)]  # lars: LARS's key only
     if args.optimizer == "lars":
-        groups[1]["lars"] = False
         return LARS(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     fast = dict(fused=True) if args.device.startswith("cuda") else dict(foreach=True)
     if args.optimizer == "sgd":
@@ -284,10 +266,9 @@ def build_optimizer(model, args, lr):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as the official SimCLR code has it (lars_optimizer.py): g = grad + wd w, trust ratio eta
-    ||w|| / ||g||, then classic momentum with the rate inside the buffer, v = m v + lr trust g, w -= v (the rate's
-    changes in warmup and decay apply to new gradients only). Param groups with lars=False (biases, BN) get neither
-    weight decay nor the trust ratio. Foreach kernels: one launch per op for all the layers."""
+    """LARS (You et al. 2017) as in the official SimCLR code (lars_optimizer.py): g = grad + wd w, trust ratio
+    eta ||w|| / ||g||, classic momentum with the rate inside, v = m v + lr trust g, w -= v. Groups with lars=False
+    (biases, BN) get neither weight decay nor the trust ratio. Foreach kernels: one launch per op for all layers."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -303,8 +284,7 @@ class LARS(torch.optim.Optimizer):
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 w_norm = torch.stack(torch._foreach_norm(params))  # (L,)
                 g_norm = torch.stack(torch._foreach_norm(grads))  # (L,)
-                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                    torch.ones_like(w_norm))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)  # (L,)
                 torch._foreach_mul_(grads, list(trust.unbind()))
             for p in (p for p in params if "momentum_buffer" not in self.state[p]):
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
@@ -330,7 +310,7 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
     run.t_start = t_log = time.time()  # training time starts now, not at setup
     n_log = 0
     try:
-        for step, epoch, (x, y) in batches(views, step, total_steps):
+        for step, epoch, (x, y) in views.steps(step, total_steps):
             lr = schedule(step)
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
@@ -358,8 +338,7 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
             if end_of_epoch:
                 if knn is not None and (epoch + 1) % args.knn_every == 0:
                     top1 = knn_monitor(run.model.encoder, knn, args, device, dtype)
-                    tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} train / {len(knn[3])} test "
-                               "images)")
+                    tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}% ({len(knn[1])} / {len(knn[3])} images)")
                     run.log({"step": step, "epoch": epoch, "knn_top1": top1})
                 if epoch_due:
                     run.plot()
@@ -383,20 +362,9 @@ def loop(args, run, net, views, schedule, step, total_steps, dtype, knn, world, 
               f"--ckpt {run.ckpt_path}")
 
 
-def batches(views, step, total_steps):
-    """(step, epoch, (views, labels)) from `step` to total_steps, crossing epochs; a resumed epoch starts mid-way."""
-    while step < total_steps:
-        epoch, start = divmod(step, views.steps_per_epoch)
-        n = min(views.steps_per_epoch - start, total_steps - step)
-        for x, y in itertools.islice(views.epoch(epoch, start), n):
-            yield step, epoch, (x, y)
-            step += 1
-
-
 def train_step(net, views, optimizer, scaler, dtype, temperature, channels_last=True, probe=None, labels=None,
                micro_batch=None):
-    """One optimiser step on (2n, 3, S, S) views, by gradient caching when micro_batch < n (loss.cached_backward);
-    returns the detached loss (no host sync)."""
+    """One optimiser step on (2n, 3, S, S) views (gradient caching when micro_batch < n); the loss, no host sync."""
     n, fmt = views.shape[0] // 2, torch.channels_last if channels_last else torch.contiguous_format
     optimizer.zero_grad(set_to_none=True)
     # the official objective is loss_a + loss_b, twice this mean over the 2n anchors (google-research/simclr,
@@ -423,10 +391,8 @@ class Run:
     def __init__(self, args, main, model, optimizer, scaler, probe, steps_per_epoch):
         self.args, self.main, self.model, self.optimizer, self.scaler = args, main, model, optimizer, scaler
         self.probe, self.steps_per_epoch, self.seconds_before, self.t_start = probe, steps_per_epoch, 0.0, time.time()
-        self.resumed_from = None
-        self.history = []  # [{"step", "changed": {flag: (old, new)}}]: what --extend changed, and when
-        self.ckpt_path = os.path.join(args.output_dir, "last.pt")
-        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.resumed_from, self.history = None, []  # history: [{"step", "changed": {flag: (old, new)}}] of --extend
+        self.ckpt_path, self.metrics_path = (os.path.join(args.output_dir, f) for f in ("last.pt", "metrics.jsonl"))
 
     def resume(self, world):
         """The step to start from: 0, or that of --resume / OUTPUT_DIR/last.pt (rank 0 decides), whose states are
@@ -442,10 +408,9 @@ class Run:
                    "flags, pass --extend to change --epochs/--max-steps on purpose")
             die(f"{path} was made with other flags ({names}): {fix}, or use another --output-dir")
         self.history = ckpt.get("history", []) + ([{"step": ckpt["step"], "changed": changed}] if changed else [])
-        if ckpt.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
-            die(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
-                f"{self.steps_per_epoch}: resume with the same dataset and --batch-size "
-                f"({ckpt['args'].get('batch_size')}), or use another --output-dir")
+        if (spe := ckpt.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
+            die(f"{path} was written with {spe} steps per epoch, this run has {self.steps_per_epoch} (other data?): "
+                "resume on the checkpoint's data, or use another --output-dir")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.probe is not None and "probe" in ckpt:
@@ -479,8 +444,8 @@ class Run:
         if bad := [i for i, x in enumerate(losses.tolist()) if not math.isfinite(x)]:
             where = (f"the last good checkpoint is {self.ckpt_path}" if os.path.exists(self.ckpt_path)
                      else "no checkpoint was written yet")
-            die(f"loss is not finite at step {step - len(window) + bad[0] + 1}; {where}: lower --lr, raise "
-                f"--temperature or use --amp bf16/off")
+            die(f"loss is not finite at step {step - len(window) + bad[0] + 1} ({where}): lower --lr, "
+                "raise --temperature or use --amp bf16/off")
         return losses
 
     def log(self, row):

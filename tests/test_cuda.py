@@ -74,7 +74,7 @@ def test_thirty_training_steps_never_sync_with_the_host(fm, tmp_path):
     model = train.build_model(args, 1, device)
     optimizer = train.build_optimizer(model, args, 0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    batches = train.batches(views, 0, 40)
+    batches = views.steps(0, 40)
     for _ in range(5):  # warm-up: cudnn.benchmark, allocator, lazy init
         _, _, (x, y) = next(batches)
         train.train_step(model, x, optimizer, scaler, torch.bfloat16, 0.5)
