@@ -44,7 +44,7 @@ demo-val: setup data
 # SimCLRv2's semi-supervised recipe at CPU scale (arXiv 2006.10029): the demo's pretraining with v2's 3-layer head,
 # then on 1% and 10% of the labels: the linear probe, fine-tuning from the encoder and from the head's first layer,
 # the distilled student (every training image, no labels, the head-layer-1 network as teacher) and the random-init
-# network fine-tuned. Rates chosen on validation (make v2-val). About 17 minutes on 2 CPU cores.
+# network fine-tuned. Rates chosen on validation (make v2-val). About 18 minutes on 2 CPU cores (1,093 s measured).
 V2_DIR ?= runs/v2-seed$(SEED)
 V2_PROTOCOL ?= --random-init --protocol linear finetune distill --label-fraction 0.01 0.1 --finetune-epochs 60 8 \
   --finetune-head-layers 0 1 --distill-epochs 2 --seed $(SEED)
