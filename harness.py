@@ -60,8 +60,8 @@ def ordered_pair(low, high=float("inf")):
         def __call__(self, parser, namespace, values, option_string=None):
             a, b = values
             if not low < a <= b <= high:
-                parser.error(f"{option_string} takes MIN MAX with {low} < MIN <= MAX"
-                             f"{f' <= {high}' if high < float('inf') else ''}, got {a} {b}")
+                top = f" <= {high}" if high < float("inf") else ""
+                parser.error(f"{option_string} takes MIN MAX with {low} < MIN <= MAX{top}, got {a} {b}")
             setattr(namespace, self.dest, (a, b))
     return OrderedPair
 
@@ -134,7 +134,9 @@ save_json = partial(save_checkpoint, dump=partial(json.dump, indent=1), mode="w"
 
 def load_checkpoint(path):
     ckpt, error = try_load(path)
-    return ckpt if error is None else die(error)
+    if error:
+        die(error)
+    return ckpt
 
 
 def try_load(path):
@@ -185,7 +187,8 @@ def changed_flags(old, new, ignore=()):
 
 def load_model_state(model, ckpt, path, flags, wanted=None):
     """Strict load; a checkpoint of another architecture is one line naming both by `flags` (arg names)."""
-    describe = lambda a: ", ".join(f"{k} {a.get(k)}" for k in flags if k in a)  # noqa: E731
+    def describe(a):
+        return ", ".join(f"{k} {a.get(k)}" for k in flags if k in a)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:

@@ -52,9 +52,9 @@ def get_args_parser():
 
     arg = p.add_argument_group("model").add_argument
     arg("--arch", default="resnet18", choices=ARCHS, help="torchvision ResNet (default: %(default)s)")
-    arg("--width", type=positive_float, default=1.0, help="the paper's 1x/2x/4x (default: %(default)s)")
+    arg("--width", type=positive_float, default=1.0, help="multiplier, the paper's 1x/2x/4x (default: %(default)s)")
     arg("--cifar-stem", action=on_off, help="3x3 stride-1 first conv, no max-pool (default: on for images up to 64 px)")
-    arg("--stem-stride", type=int, default=1, choices=(1, 2), help="stride of that 3x3 conv (default: %(default)s)")
+    arg("--stem-stride", type=int, default=1, choices=(1, 2), help="of the small stem's conv (default: %(default)s)")
     arg("--proj-dim", type=positive_int, default=128, help="output size of the projection head (default: %(default)s)")
     arg("--proj-layers", type=int, default=2, choices=(2, 3),
         help="linear layers of the projection head: 2 is SimCLR's, 3 SimCLRv2's (default: %(default)s)")
@@ -91,7 +91,7 @@ def get_args_parser():
         "(default: lars 0.3 as in the paper, sgd 0.05, adam/adamw 1e-3)")
     arg("--weight-decay", type=at_least(0, float), default=1e-6, help="(default: %(default)s; not on biases and BN)")
     arg("--momentum", type=float, default=0.9, help="LARS/SGD momentum (default: %(default)s)")
-    arg("--warmup-epochs", type=at_least(0, float), default=10, help="then cosine decay (default: %(default)s)")
+    arg("--warmup-epochs", type=at_least(0, float), default=10, help="linear, then cosine decay (default: %(default)s)")
     arg("--amp", default="bf16", choices=("bf16", "fp16", "off"),
         help="autocast dtype (default: %(default)s; fp16 with a GradScaler, CUDA only, where the GPU lacks bf16)")
 
