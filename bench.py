@@ -35,6 +35,7 @@ def get_args_parser():
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
     p.add_argument("--arch", default="resnet18", help="(default: %(default)s)")
     p.add_argument("--width", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--stem-stride", type=int, default=1, choices=(1, 2), help="small stem (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=96, help="(default: %(default)s, STL-10)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 64 on CPU, 512 on CUDA)")
     p.add_argument("--aug-batch", type=int, default=256, help="images per augmentation call (default: %(default)s)")
@@ -136,7 +137,7 @@ def main(args):
     res = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device) if cuda else
            platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
            "torch": torch.__version__, "arch": args.arch, "width": args.width, "image_size": args.image_size,
-           "batch_size": batch, "amp": args.amp, "channels_last": args.channels_last}
+           "stem_stride": args.stem_stride, "batch_size": batch, "amp": args.amp, "channels_last": args.channels_last}
     print(f"bench on {res['device']}, torch {torch.__version__}, {args.arch} x{args.width} at {args.image_size} px, "
           f"batch {batch}, amp {args.amp}")
 
@@ -260,7 +261,8 @@ def bench_memory(args):
 def step_setup(args, device):
     """train.py's model, optimiser and scaler at its defaults, at the bench's arch, width and image size."""
     targs = resolve_args(train_args().parse_args(["--arch", args.arch, "--width", str(args.width), "--device",
-                                                  args.device, "--image-size", str(args.image_size)]))
+                                                  args.device, "--image-size", str(args.image_size),
+                                                  "--stem-stride", str(args.stem_stride)]))
     targs.channels_last = args.channels_last
     model = build_model(targs, 1, device)
     dtype = amp_dtype(args.amp, device)
