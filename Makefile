@@ -4,8 +4,8 @@ DEMO_DIR ?= runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist
 # progress lines appear as they happen, also when the output goes to a file
 export PYTHONUNBUFFERED := 1
-# glibc keeps freed memory for reuse instead of unmapping it and faulting it in again at every step: 5x fewer page
-# faults, 6-20% more images per second on the CPU, about 300 MB more resident (BENCHMARKS.md, "Memory allocator")
+# glibc keeps freed memory for reuse instead of unmapping it and faulting it in again at every step: 4-7x fewer
+# page faults, 6-20% more images per second on the CPU, about 300 MB more resident (BENCHMARKS.md, "Memory allocator")
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
@@ -26,7 +26,7 @@ data:
 # strength 1.0, tau 0.2 and a LARS rate of 4.8 (a short run wants a high one); then the linear probes of SimCLR,
 # random init and raw pixels, and the ablation: fine-tuning both networks on 10% of the labels, each at its own
 # rate. Every choice was made on validation images held out of the training split (make demo-val, BENCHMARKS.md);
-# make demo reads the test split once. About 9 minutes on 2 CPU cores.
+# make demo reads the test split once. About 10 minutes on 2 CPU cores (583 s measured).
 DEMO_TRAIN ?= --arch resnet50 --width 0.25 --stem-stride 2 --batch-size 256 --epochs 4 --max-steps 819 \
   --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.2 --lr 4.8 --seed $(SEED)
 DEMO_FINETUNE ?= --protocol linear finetune --finetune-label-fraction 0.1 --finetune-epochs 4
