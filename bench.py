@@ -259,7 +259,7 @@ def bench_memory(args):
 
 
 def step_setup(args, device):
-    """train.py's model, optimiser and scaler at its defaults, at the bench's arch, width and image size."""
+    """train.py's model, optimiser and scaler at its defaults, at the bench's arch, width, stem and image size."""
     targs = resolve_args(train_args().parse_args(["--arch", args.arch, "--width", str(args.width), "--device",
                                                   args.device, "--image-size", str(args.image_size),
                                                   "--stem-stride", str(args.stem_stride)]))
