@@ -9,13 +9,17 @@ KEYS = {"date", "device", "torch", "arch", "width", "stem_stride", "image_size",
         "step_tflop_s"}
 
 
-def test_bench_runs_and_writes_its_keys(tmp_path):
-    out = tmp_path / "bench.json"
+def run_bench(out, *extra):
+    """bench.py at a tiny size (a few images, one repetition) -> the bench.json it wrote."""
     args = bench.get_args_parser().parse_args(
         ["--width", "0.125", "--image-size", "32", "--batch-size", "4", "--aug-batch", "8", "--steps", "1",
-         "--reps", "1", "--workers", "0", "--no-aug-compile", "--out", str(out)])
+         "--reps", "1", "--workers", "0", "--no-aug-compile", "--out", str(out), *extra])
     bench.main(args)
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_runs_and_writes_its_keys(tmp_path):
+    res = run_bench(tmp_path / "bench.json")
     assert KEYS <= set(res), KEYS - set(res)
     for key in ("aug_batched_img_s", "aug_per_image_img_s", "model_only_img_s", "step_img_s", "gflop_per_view"):
         assert res[key] > 0, key
@@ -27,12 +31,7 @@ def test_bench_stem_stride_reaches_the_model(tmp_path):
     so fewer FLOP per view than stride 1 (counted by FlopCounterMode, exact integers)."""
     flop = {}
     for stride in (1, 2):
-        out = tmp_path / f"bench{stride}.json"
-        args = bench.get_args_parser().parse_args(
-            ["--width", "0.125", "--image-size", "32", "--batch-size", "4", "--aug-batch", "8", "--steps", "1",
-             "--reps", "1", "--workers", "0", "--no-aug-compile", "--stem-stride", str(stride), "--out", str(out)])
-        bench.main(args)
-        res = json.loads(out.read_text())
+        res = run_bench(tmp_path / f"bench{stride}.json", "--stem-stride", str(stride))
         assert res["stem_stride"] == stride
         flop[stride] = res["gflop_per_view"]
     assert flop[2] < 0.5 * flop[1], flop
