@@ -21,45 +21,48 @@ data:
 	  || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
 	  || echo "note: could not apt-get dataset-fashion-mnist; torchvision will try to download Fashion-MNIST to ./data"
 
-# The CPU demo: ResNet-50 at width 0.25 (512-d features, about the time per image of ResNet-18 at width 0.5) with
-# a stride-2 3x3 stem, 3.5 epochs (819 steps) at batch 256, crops of 25-100% of the image, the paper's colour
-# strength 1.0, tau 0.2 and a LARS rate of 4.8 (a short run wants a high one); then the linear probes of SimCLR,
-# random init and raw pixels, and the ablation: fine-tuning both networks on 10% of the labels, each at its own
-# rate. Every choice was made on validation images held out of the training split (make demo-val, BENCHMARKS.md);
-# make demo reads the test split once. About 10 minutes on 2 CPU cores (583 s measured).
+# The CPU demo: ResNet-50 at width 0.25 (512-d features, about the time per image of ResNet-18 at width 0.5)
+# with a stride-2 3x3 stem, 3.5 epochs (819 steps) at batch 256, crops of 25-100% of the image, the paper's
+# colour strength 1.0, tau 0.2 and a LARS rate of 4.8 (a short run wants a high one); then the linear probes of
+# SimCLR, random init and raw pixels (eval_linear.py), and the ablation: fine-tuning both networks on 10% of the
+# labels, each at its own rate (finetune.py). Choices on validation images (make demo-val, BENCHMARKS.md); make
+# demo reads the test split once. About 10 minutes on 2 CPU cores.
 DEMO_TRAIN ?= --arch resnet50 --width 0.25 --stem-stride 2 --batch-size 256 --epochs 4 --max-steps 819 \
   --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.2 --lr 4.8 --seed $(SEED)
-DEMO_FINETUNE ?= --protocol linear finetune --finetune-label-fraction 0.1 --finetune-epochs 4
-DEMO_EVAL ?= --random-init --pixels $(DEMO_FINETUNE) --finetune-lr 0.025 --finetune-lr-random 0.025 --seed $(SEED)
+DEMO_EVAL ?= --random-init --pixels --seed $(SEED)
+DEMO_FINETUNE ?= --random-init --label-fraction 0.1 --epochs 4 --seed $(SEED)
 SEED ?= 0
-START := $(shell date +%s)
 demo: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --output-dir $(DEMO_DIR)
-	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt $(DEMO_EVAL) --wall-start $(START)
+	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt $(DEMO_EVAL)
+	$(PYTHON) finetune.py --ckpt $(DEMO_DIR)/last.pt $(DEMO_FINETUNE) --lr 0.025 --lr-random 0.025
 
 # The same pretraining, evaluated on 10% of the training split held out (the test split is not read): the linear
 # probes and the fine-tuning rates of both networks over a grid. How the demo's choices were made.
 FT_GRID ?= 0.025 0.05 0.1 0.2
 demo-val: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --output-dir $(DEMO_DIR)
-	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt --eval-on val --random-init --pixels $(DEMO_FINETUNE) \
-	  --finetune-lr $(FT_GRID) --finetune-lr-random $(FT_GRID) --seed $(SEED)
+	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt --eval-on val $(DEMO_EVAL)
+	$(PYTHON) finetune.py --ckpt $(DEMO_DIR)/last.pt --eval-on val $(DEMO_FINETUNE) --lr $(FT_GRID) \
+	  --lr-random $(FT_GRID)
 
-# SimCLRv2's semi-supervised recipe at CPU scale (arXiv 2006.10029): the demo's pretraining with v2's 3-layer head,
-# then on 1% and 10% of the labels: the linear probe, fine-tuning from the encoder and from the head's first layer,
-# the distilled student (every training image, no labels, the head-layer-1 network as teacher) and the random-init
-# network fine-tuned. Rates chosen on validation (make v2-val). About 18 minutes on 2 CPU cores (1,093 s measured).
+# SimCLRv2's semi-supervised recipe at CPU scale (arXiv 2006.10029): the demo's pretraining with v2's 3-layer
+# head, then on 1% and 10% of the labels: the linear probe, fine-tuning from the encoder and from the head's first
+# layer, the distilled student (every training image, no labels, the head-layer-1 network as teacher) and the
+# random-init network fine-tuned. Rates chosen on validation (make v2-val). About 18 minutes on 2 CPU cores.
 V2_DIR ?= runs/v2-seed$(SEED)
-V2_PROTOCOL ?= --random-init --protocol linear finetune distill --label-fraction 0.01 0.1 --finetune-epochs 60 8 \
-  --finetune-head-layers 0 1 --distill-epochs 2 --seed $(SEED)
-V2_LR ?= --finetune-lr 0.025 --finetune-lr-random 0.025
-V2_GRID ?= --finetune-lr 0.025 0.0125 --finetune-lr-random 0.025 0.0125
+V2_FRACTIONS ?= --random-init --label-fraction 0.01 0.1 --seed $(SEED)
+V2_FINETUNE ?= $(V2_FRACTIONS) --epochs 60 8 --head-layers 0 1 --distill --distill-epochs 2
+V2_LR ?= --lr 0.025 --lr-random 0.025
+V2_GRID ?= --lr 0.025 0.0125 --lr-random 0.025 0.0125
 v2: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --proj-layers 3 --output-dir $(V2_DIR)
-	$(PYTHON) eval_linear.py --ckpt $(V2_DIR)/last.pt $(V2_PROTOCOL) $(V2_LR) --wall-start $(START)
+	$(PYTHON) eval_linear.py --ckpt $(V2_DIR)/last.pt $(V2_FRACTIONS)
+	$(PYTHON) finetune.py --ckpt $(V2_DIR)/last.pt $(V2_FINETUNE) $(V2_LR)
 v2-val: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --proj-layers 3 --output-dir $(V2_DIR)
-	$(PYTHON) eval_linear.py --ckpt $(V2_DIR)/last.pt --eval-on val $(V2_PROTOCOL) $(V2_GRID)
+	$(PYTHON) eval_linear.py --ckpt $(V2_DIR)/last.pt --eval-on val $(V2_FRACTIONS)
+	$(PYTHON) finetune.py --ckpt $(V2_DIR)/last.pt --eval-on val $(V2_FINETUNE) $(V2_GRID)
 
 test: setup
 	$(PYTHON) -m pip install -q --root-user-action=ignore pytest

@@ -1,7 +1,7 @@
-"""Datasets for SimCLR (arXiv 2002.05709): STL-10, CIFAR-10/100 and Fashion-MNIST through torchvision's own
-loaders, and a folder of images. Every sample is (RGB PIL image or transformed image, label; -1 when unlabeled).
-A dataset that fits in memory can also be held whole as one uint8 tensor (ResidentImages) and batched by index.
-"""
+"""Datasets for SimCLR (arXiv 2002.05709): STL-10, CIFAR-10/100 and Fashion-MNIST through
+torchvision's own loaders, and a folder of images; each sample is (RGB PIL image or transformed
+image, label, -1 when unlabelled). A dataset that fits in memory is also held whole as one uint8
+tensor and batched by index (ResidentImages)."""
 import gzip
 import hashlib
 import itertools
@@ -17,27 +17,29 @@ from PIL import Image
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's package dataset-fashion-mnist
 
 # name -> default image size, normalisation, pretraining split, number of classes, how to get it
+NETWORK = "or run once with network access so torchvision downloads it"
 DATASETS = {
     "stl10": dict(size=96, mean=(0.4467, 0.4398, 0.4066), std=(0.2603, 0.2566, 0.2713),
                   pretrain_split="train+unlabeled", num_classes=10,
-                  get="download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (2.6 GB) and extract "
-                      "it there (giving stl10_binary/), or run once with network access so torchvision downloads it"),
+                  get="download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (2.6 GB) "
+                      f"and extract it there (giving stl10_binary/), {NETWORK}"),
     "cifar10": dict(size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                     pretrain_split="train", num_classes=10,
-                    get="download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it there, "
-                        "or run once with network access so torchvision downloads it"),
+                    get="download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and "
+                        f"extract it there, {NETWORK}"),
     "cifar100": dict(size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
                      pretrain_split="train", num_classes=100,
-                     get="download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it there, "
-                         "or run once with network access so torchvision downloads it"),
-    "fashion-mnist": dict(size=28, mean=(0.2860,) * 3, std=(0.3530,) * 3, pretrain_split="train", num_classes=10,
+                     get="download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and "
+                         f"extract it there, {NETWORK}"),
+    "fashion-mnist": dict(size=28, mean=(0.2860,) * 3, std=(0.3530,) * 3,
+                          pretrain_split="train", num_classes=10,
                           get="run `apt-get install -y dataset-fashion-mnist` (files land in "
                               f"{DEBIAN_FASHION_MNIST}), or put the four idx files of "
-                              "github.com/zalandoresearch/fashion-mnist in --data-dir"),
+                              "github.com/zalandoresearch/fashion-mnist in the data folder"),
     "folder": dict(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                    pretrain_split="unlabeled", num_classes=None,
-                   get="point --data-dir at a folder of images (class sub-folders of DIR/train and DIR/test "
-                       "for evaluation)"),
+                   get="give a folder of images as the data folder (class sub-folders of "
+                       "DIR/train and DIR/test for evaluation)"),
 }
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
@@ -45,6 +47,11 @@ FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-imag
 
 class DatasetError(Exception):
     """A dataset that is missing or unusable; the message is one line that says what to do."""
+
+
+class TooLargeToHold(DatasetError):
+    """A dataset that would not fit in memory as one tensor: decode it per image instead, or store
+    it smaller."""
 
 
 class ToRGB:
@@ -59,7 +66,16 @@ def _with_rgb(transform):
 
 
 def cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "simclr")
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "simclr")
+
+
+def _atomic_save(path, write):
+    """write(temp path), then os.replace: a cache entry is whole or absent, also when two runs fill
+    it at once."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
 
 
 class IdxFashionMNIST(torchvision.datasets.FashionMNIST):
@@ -75,27 +91,33 @@ class IdxFashionMNIST(torchvision.datasets.FashionMNIST):
 
 
 def _fashion_mnist_raw_dir(folder):
-    """A folder with the four idx files uncompressed: `folder` itself, or a cache where .gz files are unpacked."""
+    """A folder with the four idx files uncompressed: `folder` itself, or a cache where .gz files
+    are unpacked."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
     if all(f in names for f in FMNIST_FILES):
         return folder
     if not all(f + ".gz" in names for f in FMNIST_FILES):
         return None
-    out = os.path.join(cache_dir(), "fashion-mnist-" + hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10])
+    key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10]
+    out = os.path.join(cache_dir(), "fashion-mnist-" + key)
     os.makedirs(out, exist_ok=True)
+
+    def unzip(name):
+        def write(tmp):
+            with gzip.open(os.path.join(folder, name + ".gz"), "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return write
     for f in FMNIST_FILES:
         if not os.path.exists(os.path.join(out, f)):
-            tmp = os.path.join(out, f + f".tmp{os.getpid()}")
-            with gzip.open(os.path.join(folder, f + ".gz"), "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, os.path.join(out, f))
+            _atomic_save(os.path.join(out, f), unzip(f))
     return out
 
 
 def _fashion_mnist(root, split, transform, download):
     train = split == "train"
     roots = [root] if root else [DEBIAN_FASHION_MNIST, "./data"]
-    for r in roots:  # a folder of idx files (.gz or not), or torchvision's layout r/FashionMNIST/raw
+    # a folder of idx files (.gz or not), or torchvision's layout r/FashionMNIST/raw
+    for r in roots:
         raw = _fashion_mnist_raw_dir(r)
         if raw:
             return IdxFashionMNIST(raw, train=train, transform=transform), raw
@@ -104,7 +126,9 @@ def _fashion_mnist(root, split, transform, download):
                 return torchvision.datasets.FashionMNIST(r, train=train, transform=transform), r
             except RuntimeError:
                 pass  # incomplete: download below
-    return torchvision.datasets.FashionMNIST(roots[-1], train=train, transform=transform, download=download), roots[-1]
+    ds = torchvision.datasets.FashionMNIST(roots[-1], train=train, transform=transform,
+                                           download=download)
+    return ds, roots[-1]
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -112,9 +136,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __init__(self, root, transform=None):
         check = ReadableImage()
-        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs
-                            if check(os.path.join(d, f)))
-        self.transform, self.skipped = transform, check.skipped
+        paths = (os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs)
+        self.files = sorted(p for p in paths if check(p))
+        self.transform = transform
+        self.skipped = check.skipped
 
     def __len__(self):
         return len(self.files)
@@ -125,8 +150,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class ReadableImage:
-    """is_valid_file for torchvision's ImageFolder: an image extension and a header PIL can read; the rest is
-    counted in `skipped`, so that a broken file costs one warning instead of a crash mid-epoch."""
+    """is_valid_file for torchvision's ImageFolder: an image extension and a header PIL can read;
+    the rest is counted in `skipped`, so that a broken file costs one warning instead of a crash
+    mid-epoch."""
 
     def __init__(self):
         self.skipped = []
@@ -144,7 +170,8 @@ class ReadableImage:
 
 
 def _load_or_neighbour(paths, index):
-    """(RGB image, its index): paths[index], or if that file is broken past its header, the next readable one."""
+    """(RGB image, its index): paths[index], or if that file is broken past its header, the next
+    readable one."""
     for k in range(len(paths)):
         j = (index + k) % len(paths)
         try:
@@ -169,21 +196,23 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
 
 def _folder(root, split, transform):
     if not root or not os.path.isdir(root):
-        raise DatasetError(f"folder: --data-dir {root!r} is not a folder; {DATASETS['folder']['get']}")
+        raise DatasetError(f"folder: {root!r} is not a folder; {DATASETS['folder']['get']}")
     if split == "unlabeled":
         sub = os.path.join(root, "train")
         ds = ImageFiles(sub if os.path.isdir(sub) else root, transform)
     else:
         names = ["train"] if split == "train" else ["test", "val"]
-        sub = next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
-        if sub is None:
-            raise DatasetError(f"folder: no {' or '.join(names)} sub-folder in {root}; evaluation needs class "
-                               f"sub-folders in {root}/train and {root}/test (or {root}/val)")
+        found = [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+        if not found:
+            raise DatasetError(f"folder: no {' or '.join(names)} sub-folder in {root}; evaluation "
+                               f"needs class sub-folders in {root}/train and {root}/test "
+                               f"(or {root}/val)")
+        sub = found[0]
         try:
             ds = SafeImageFolder(sub, transform)
         except (FileNotFoundError, RuntimeError) as e:
-            raise DatasetError(f"folder: {sub} has no class sub-folders with readable images ({e}); "
-                               "put each class's images in DIR/{split}/CLASS/") from None
+            raise DatasetError(f"folder: {sub} has no class sub-folders with readable images "
+                               f"({e}); put each class's images in DIR/{split}/CLASS/") from None
     if ds.skipped:
         warnings.warn(f"folder: skipped {len(ds.skipped)} file(s) that are not readable images, "
                       f"e.g. {ds.skipped[0]}")
@@ -193,39 +222,39 @@ def _folder(root, split, transform):
 
 
 def get_dataset(name, root=None, split="train", transform=None, download=True):
-    """The dataset `name` (a key of DATASETS), split 'train', 'test', 'unlabeled' (STL-10 and folder) or
-    'train+unlabeled' (STL-10). Images reach `transform` as RGB PIL images; labels are ints, -1 if none.
-    root None: ./data (Fashion-MNIST: the Debian location first). Raises DatasetError, one line, if absent."""
+    """The dataset `name` (a key of DATASETS), split 'train', 'test', 'unlabeled' (STL-10 and
+    folder) or 'train+unlabeled' (STL-10). Images reach `transform` as RGB PIL images; labels are
+    ints, -1 if none. root None: ./data (Fashion-MNIST: the Debian location first). Raises
+    DatasetError, one line, if absent."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     transform = _with_rgb(transform)
     if name == "folder":
         return _folder(root, split, transform)
-    valid = ("train", "test", "unlabeled", "train+unlabeled") if name == "stl10" else ("train", "test")
+    valid = ("train", "test")
+    if name == "stl10":
+        valid += ("unlabeled", "train+unlabeled")
     if split not in valid:
         raise DatasetError(f"{name} has no split {split!r}: choose one of {', '.join(valid)}")
     where = root or "./data"
     try:
         if name == "stl10":
-            return torchvision.datasets.STL10(where, split=split, transform=transform, download=download)
+            return torchvision.datasets.STL10(where, split=split, transform=transform,
+                                              download=download)
         if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            return cls(where, train=split == "train", transform=transform, download=download)
+            datasets = torchvision.datasets
+            cifar = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            return cifar(where, train=split == "train", transform=transform, download=download)
         ds, _ = _fashion_mnist(root, split, transform, download)
         return ds
     except (RuntimeError, OSError, ValueError) as e:
-        looked = os.path.abspath(where) if root or name != "fashion-mnist" else f"{DEBIAN_FASHION_MNIST} and ./data"
+        looked = os.path.abspath(where)
+        if name == "fashion-mnist" and not root:
+            looked = f"{DEBIAN_FASHION_MNIST} and ./data"
         reason = "download failed" if download else "download disabled"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError(f"{name}: not found in {looked} ({reason}: {first}); to get it, "
                            f"{DATASETS[name]['get']}") from None
-
-
-def num_classes(dataset):
-    """Number of classes of a labelled dataset built by get_dataset."""
-    if hasattr(dataset, "classes"):
-        return len(dataset.classes)
-    return int(max(labels(dataset))) + 1
 
 
 def labels(dataset):
@@ -238,7 +267,7 @@ def labels(dataset):
     return torch.full((len(dataset),), -1, dtype=torch.long)
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Resident data: the whole dataset as one uint8 tensor, batched by index without per-sample Python.
 
 def _base(dataset):
@@ -252,9 +281,10 @@ def _base(dataset):
 
 
 def uint8_images(dataset, size=None):
-    """(images uint8 (N, C, H, W), labels (N,)) of a dataset from get_dataset. STL-10, CIFAR and Fashion-MNIST
-    already hold their pixels in one array (C is 1 for Fashion-MNIST); a folder is decoded once, its short side
-    resized to `size` and centre-cropped (evaluation's view), and cached in cache_dir() for the next run."""
+    """(images uint8 (N, C, H, W), labels (N,)) of a dataset from get_dataset. STL-10, CIFAR and
+    Fashion-MNIST already hold their pixels in one array (C is 1 for Fashion-MNIST); a folder is
+    decoded once, its short side resized to `size` and centre-cropped (evaluation's view), and
+    cached in cache_dir() for the next run."""
     base, idx = _base(dataset)
     data = getattr(base, "data", None)
     if isinstance(base, torchvision.datasets.MNIST):
@@ -262,7 +292,8 @@ def uint8_images(dataset, size=None):
     elif isinstance(base, torchvision.datasets.STL10):
         images = torch.from_numpy(data).contiguous()  # (N, 3, 96, 96) after torchvision's transpose
     elif isinstance(base, torchvision.datasets.CIFAR10):
-        images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     elif isinstance(base, (ImageFiles, SafeImageFolder)):
         images = _decoded_folder(base, size or DATASETS["folder"]["size"])
     else:
@@ -272,11 +303,11 @@ def uint8_images(dataset, size=None):
 
 
 def whole_images(dataset, size=None):
-    """(images uint8 (N, C, S, S), labels (N,), sizes (N, 2)) for pretraining's batched augmentation, which draws
-    each crop box on the original (H, W) = sizes[i] and reads it from images[i]. STL-10, CIFAR and Fashion-MNIST:
-    uint8_images at their own size. A folder: every image whole, resized to S = whole_side(size) without keeping
-    its aspect, decoded once and cached in cache_dir(); DatasetError before any decoding if it would not fit in
-    memory (check_fits)."""
+    """(images uint8 (N, C, S, S), labels (N,), sizes (N, 2)) for pretraining's batched
+    augmentation, which draws each crop box on the original (H, W) = sizes[i] and reads it from
+    images[i]. STL-10, CIFAR and Fashion-MNIST: uint8_images at their own size. A folder: every
+    image whole, resized to S = whole_side(size) without keeping its aspect, decoded once and cached
+    in cache_dir(); DatasetError before any decoding if it would not fit in memory (check_fits)."""
     base, idx = _base(dataset)
     if not isinstance(base, (ImageFiles, SafeImageFolder)):
         images, ys = uint8_images(dataset)
@@ -289,19 +320,21 @@ def whole_images(dataset, size=None):
 
 
 def whole_side(size):
-    """Side of the square a folder image is stored in for views of `size`: ceil(1.25 size). A crop of 64% of the
-    image or more is then read at or above the view's resolution and the median crop (about half the area,
-    0.71 of each side) enlarged only 1.13x, for 1.56x the memory of a size x size image."""
+    """Side of the square a folder image is stored in for views of `size`: ceil(1.25 size). A crop
+    of 64% of the image or more is then read at or above the view's resolution and the median crop
+    (about half the area, 0.71 of each side) enlarged only 1.13x, for 1.56x the memory of a size x
+    size image."""
     return math.ceil(1.25 * size)
 
 
 def available_memory():
-    """Bytes this process may still allocate: MemAvailable (else the free pages), or less under a cgroup v2 memory
-    limit (containers, Slurm); None if unknown."""
+    """Bytes this process may still allocate: MemAvailable (else the free pages), or less under a
+    cgroup v2 memory limit (containers, Slurm); None if unknown."""
     found = []
     try:
         with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]  # kB
+            # kB
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except OSError:
         pass
     if not found and hasattr(os, "sysconf"):
@@ -320,65 +353,62 @@ def available_memory():
 
 
 def check_fits(n, side, available):
-    """DatasetError (one line) if n images of 3 x side x side bytes need more than half the `available` bytes: the
-    held tensor, plus on a GPU its pinned copy (pin_memory() copies), must leave room for the run. None: no check."""
+    """TooLargeToHold (one line) if n images of 3 x side x side bytes need more than half the
+    `available` bytes: the held tensor, plus on a GPU its pinned copy (pin_memory() copies), must
+    leave room for the run. None: no check."""
     need = n * 3 * side * side
     if available is not None and need > available / 2:
-        raise DatasetError(f"folder: {n} images stored as {side}x{side} uint8 need {need / 2 ** 30:.2f} GiB, more "
-                           f"than half of the {available / 2 ** 30:.2f} GiB of memory available; use --pipeline "
-                           "per-image (decodes each image when it is needed) or a smaller --image-size")
+        raise TooLargeToHold(f"folder: {n} images stored as {side}x{side} uint8 need "
+                             f"{need / 2 ** 30:.2f} GiB, more than half of the "
+                             f"{available / 2 ** 30:.2f} GiB of memory available")
 
 
 def _decoded_folder(ds, size, whole=False):
-    """A folder's images decoded once, cached in cache_dir(): uint8 (N, 3, size, size), each short side resized to
-    `size` and centre-cropped; or whole: (uint8 (N, 3, S, S), each image resized whole to S = whole_side(size),
-    its original (H, W) (N, 2))."""
+    """A folder's images decoded once, cached in cache_dir(): uint8 (N, 3, size, size), each short
+    side resized to `size` and centre-cropped; or whole: (uint8 (N, 3, S, S), each image resized
+    whole to S = whole_side(size), its original (H, W) (N, 2))."""
     paths = ds.files if isinstance(ds, ImageFiles) else ds.paths
     side = whole_side(size) if whole else size
-    # the centre crops keep their key from before (the same pixels); the whole squares have their own
+    # the centre crops keep their key from before (the same pixels); the whole squares their own
     tag = [size] + (["whole", side] if whole else [])
-    key = hashlib.sha1(repr(tag + [(p, os.path.getmtime(p)) for p in paths]).encode()).hexdigest()[:16]
+    files = [(p, os.path.getmtime(p)) for p in paths]
+    key = hashlib.sha1(repr(tag + files).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"folder-{'whole-' if whole else ''}{key}.pt")
     if os.path.exists(path):
         cached = torch.load(path, weights_only=True)
         return (cached["images"], cached["sizes"]) if whole else cached
     v2 = torchvision.transforms.v2
-    fit = [v2.Resize((side, side), antialias=True)] if whole else [v2.Resize(size, antialias=True),
-                                                                      v2.CenterCrop(size)]
+    if whole:
+        fit = [v2.Resize((side, side), antialias=True)]
+    else:
+        fit = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     tf = v2.Compose([v2.PILToTensor()] + fit)
     images = torch.empty(len(paths), 3, side, side, dtype=torch.uint8)
     sizes = torch.empty(len(paths), 2, dtype=torch.long)
     for i in range(len(paths)):
-        img = _load_or_neighbour(paths, i)[0]  # a broken file's neighbour: its own size goes with it
-        images[i], sizes[i] = tf(img), torch.tensor([img.height, img.width])  # (3, side, side), (2,)
+        img = _load_or_neighbour(paths, i)[0]  # a broken file's neighbour: its size goes with it
+        images[i] = tf(img)  # (3, side, side)
+        sizes[i] = torch.tensor([img.height, img.width])
     os.makedirs(cache_dir(), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(dict(images=images, sizes=sizes) if whole else images, tmp)
-    os.replace(tmp, path)
+    entry = dict(images=images, sizes=sizes) if whole else images
+    _atomic_save(path, lambda tmp: torch.save(entry, tmp))
     return (images, sizes) if whole else images
 
 
-def resolve_device(device):
-    """torch.device(device), a bare 'cuda' as the current CUDA device: tensors report their index (cuda:0), and
-    torch.device('cuda') == torch.device('cuda:0') is False."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def pin_before_copy(src, dst):
-    """Whether a batch on device `src` is pinned before its copy to `dst`: only from the host to a GPU, where
-    pinning lets the copy run without blocking (pin_memory() of a GPU tensor raises)."""
+    """Whether a batch on device `src` is pinned before its copy to `dst`: only from the host to a
+    GPU, where pinning lets the copy run without blocking (pin_memory() of a GPU tensor raises)."""
     return src.type == "cpu" and dst.type == "cuda"
 
 
 class ResidentImages:
-    """A dataset held as one uint8 tensor (N, C, H, W): on `device` when it fits in a third of the free device
-    memory, else in pinned host memory (CUDA) or plain host memory (CPU). batch(idx) gathers by index."""
+    """A dataset held as one uint8 tensor (N, C, H, W): on `device` when it fits in a third of the
+    free device memory, else in pinned host memory (CUDA) or plain host memory (CPU). batch(idx)
+    gathers by index. device: a torch.device with its index, as tensors report it (cuda:0, not
+    cuda)."""
 
     def __init__(self, images, labels, device):
-        self.device = resolve_device(device)
+        self.device = torch.device(device)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             images = images.to(self.device) if images.nbytes < free / 3 else images.pin_memory()
@@ -398,7 +428,7 @@ class ResidentImages:
         return x, y
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Two-view batches for pretraining, reproducible wherever a run stops and resumes.
 
 def mix_seed(*parts):
@@ -410,8 +440,9 @@ def mix_seed(*parts):
 
 
 class TwoViews(torch.utils.data.Dataset):
-    """((view1, view2), label) per image through `transform` (returning two views). The augmentation of image i
-    in epoch e draws from a torch RNG seeded by (seed, e, i): the same whatever the workers, ranks or resumes."""
+    """((view1, view2), label) per image through `transform` (returning two views). The augmentation
+    of image i in epoch e draws from a torch RNG seeded by (seed, e, i): the same whatever the
+    workers, ranks or resumes."""
 
     def __init__(self, dataset, transform, seed):
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
@@ -430,7 +461,8 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (shuffle, drop_last, set_epoch) that can start an epoch after `skip` samples."""
+    """DistributedSampler (shuffle, drop_last, set_epoch) that can start an epoch after `skip`
+    samples."""
     skip = 0
 
     def __iter__(self):
@@ -441,31 +473,38 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 class TwoViewBatches:
-    """One rank's pretraining batches: (views (2n, 3, S, S) on `device`, labels (n,)), view 1 of image i at row i
-    and view 2 at row n + i. Either batched, `batch_augment(x, generator, sizes=...)` (e.g. augment.BatchAugment)
-    applied on the device to the dataset held as one uint8 tensor (whole_images: a folder's images whole, each
-    crop box drawn on its original's size), its parameters drawn from a CPU generator seeded by (seed, rank,
-    epoch, step); or per image, `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both walk the
-    same ResumableSampler order, so a resumed run sees the views an uninterrupted one would have seen."""
+    """One rank's pretraining batches: (views (2n, 3, S, S) on `device`, labels (n,)), view 1 of
+    image i at row i and view 2 at row n + i. Either batched, `batch_augment(x, generator,
+    sizes=...)` (e.g. augment.BatchAugment) applied on the device to the dataset held as one uint8
+    tensor (whole_images: a folder's images whole, each crop box drawn on its original's size), its
+    parameters drawn from a CPU generator seeded by (seed, rank, epoch, step); or per image,
+    `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both walk the same
+    ResumableSampler order, so a resumed run sees the views an uninterrupted one would have seen."""
 
-    def __init__(self, dataset, per_rank, rank, world, seed, device, batch_augment=None, image_size=None,
-                 transform=None, workers=0, worker_init_fn=None):
-        self.per_rank, self.rank, self.seed, self.device = per_rank, rank, seed, resolve_device(device)
-        self.sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    def __init__(self, dataset, per_rank, rank, world, seed, device, batch_augment=None,
+                 image_size=None, transform=None, workers=0, worker_init_fn=None):
+        self.per_rank = per_rank
+        self.rank = rank
+        self.seed = seed
+        self.device = torch.device(device)
+        self.sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                        seed=seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // per_rank
         self.augment = batch_augment
         if batch_augment is not None:
-            images, ys, self.sizes = whole_images(dataset, image_size)  # sizes (N, 2) stay on the host
+            images, ys, self.sizes = whole_images(dataset, image_size)  # sizes (N, 2) on the host
             self.resident = ResidentImages(images, ys, self.device)
-            self.gen = torch.Generator()  # parameters drawn on the CPU: the same views on any device, no syncs
+            self.gen = torch.Generator()  # parameters drawn on the CPU: the views of any device
         else:
             self.dataset = TwoViews(dataset, transform, seed)
             self.loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=per_rank, sampler=self.sampler, drop_last=True, num_workers=workers,
-                pin_memory=self.device.type == "cuda", worker_init_fn=worker_init_fn)
+                self.dataset, batch_size=per_rank, sampler=self.sampler, drop_last=True,
+                num_workers=workers, pin_memory=self.device.type == "cuda",
+                worker_init_fn=worker_init_fn)
 
     def steps(self, step, total_steps):
-        """(step, epoch, (views, labels)) from `step` to total_steps across epochs, from mid-epoch on resume."""
+        """(step, epoch, (views, labels)) from `step` to total_steps across epochs, from mid-epoch
+        on resume."""
         while step < total_steps:
             epoch, start = divmod(step, self.steps_per_epoch)
             n = min(self.steps_per_epoch - start, total_steps - step)
@@ -480,16 +519,21 @@ class TwoViewBatches:
         if self.augment is None:
             self.dataset.set_epoch(epoch)
             for (v1, v2), y in self.loader:
-                # each view from its pinned batch, then cat on the device: a cat on the host is not pinned
-                v1, v2 = v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
+                # each view from its pinned batch, then cat on the device: a cat on the host would
+                # not be pinned
+                v1 = v1.to(self.device, non_blocking=True)
+                v2 = v2.to(self.device, non_blocking=True)
                 yield torch.cat([v1, v2]), y.to(self.device, non_blocking=True)  # (2n, 3, S, S)
             return
         order = torch.tensor(list(self.sampler))
-        order = order[:len(order) // self.per_rank * self.per_rank].view(-1, self.per_rank)  # (steps, n)
-        on_device = order.to(self.resident.images.device)  # once per epoch, not a host-to-device copy per step
+        steps = len(order) // self.per_rank
+        order = order[:steps * self.per_rank].view(steps, self.per_rank)  # (steps, n)
+        # once per epoch, not a host-to-device copy per step
+        on_device = order.to(self.resident.images.device)
         for k, (idx, host_idx) in enumerate(zip(on_device, order), start):
             x, y = self.resident.batch(idx)  # uint8 (n, C, S, S)
-            sizes = self.sizes[host_idx]  # (n, 2) the originals' (H, W), where the crop boxes are drawn
+            sizes = self.sizes[host_idx]  # (n, 2): the originals' (H, W), where crops are drawn
             self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))
             # two independent draws per image
-            yield self.augment(torch.cat([x, x]), self.gen, sizes=torch.cat([sizes, sizes])), y
+            views = self.augment(torch.cat([x, x]), self.gen, sizes=torch.cat([sizes, sizes]))
+            yield views, y

@@ -1,8 +1,7 @@
-"""NT-Xent (normalized temperature-scaled cross entropy) loss of SimCLR, arXiv 2002.05709 (eq. 1), with the
-negatives gathered from every rank when torch.distributed is running, and its gradient by gradient caching
-(Gao et al. 2021) for batches larger than memory."""
+"""NT-Xent (normalized temperature-scaled cross entropy) loss of SimCLR, arXiv 2002.05709 (eq. 1),
+with negatives gathered from every rank under torch.distributed, and its gradient by gradient
+caching (Gao et al. 2021) for batches larger than memory."""
 import contextlib
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -10,8 +9,8 @@ import torch.nn.functional as F
 
 
 class GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands each rank the gradient of its own rows summed over all ranks (plain
-    dist.all_gather has no backward, which silently drops the other ranks' gradient)."""
+    """all_gather whose backward hands each rank the gradient of its own rows summed over all ranks
+    (plain dist.all_gather has no backward, which silently drops the other ranks' gradient)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -27,55 +26,81 @@ class GatherWithGrad(torch.autograd.Function):
 
 
 def nt_xent(z1, z2, temperature=0.5, gather=True):
-    """Mean NT-Xent loss over the 2N anchors of a batch: L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)].
+    """Mean NT-Xent loss over the 2N anchors of a batch: L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k,
+    2k-1)].
 
-    z1, z2: (N, d) projections of the two views of the same N images, any device and float dtype; the
-    loss is computed in float32 (float64 stays float64), also under autocast. temperature: tau.
-    gather: when torch.distributed is initialised with world > 1, each rank's anchors are scored against
-    the 2N x world embeddings of all ranks; the gather passes gradients back to the rank that made them,
-    so after DDP averages gradients, loss and gradients equal those of one process on the whole batch.
+    z1, z2: (N, d) projections of the two views of the same N images, any device and float dtype;
+    the loss is computed in float32 (float64 stays float64), also under autocast. temperature: tau.
+    gather: when torch.distributed runs with world > 1, each rank's anchors are scored against the
+    2N x world embeddings of all ranks; the gather passes gradients back to the rank that made them,
+    so after DDP averages gradients, loss and gradients equal those of one process on the whole
+    batch.
+
     """
     n = z1.shape[0]
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # (2N, d), row i and row i+N are positives
-        rank, candidates = 0, z
+        # (2N, d): row i and row i + N are positives
+        z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)
+        rank = 0
+        candidates = z
         if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             rank = dist.get_rank()
-            candidates = GatherWithGrad.apply(z)  # (2N * world, d), rank r's rows at [2N r, 2N (r+1))
-        logits = z @ candidates.T / temperature  # (2N, 2N * world): cosine similarity / tau
-        logits.diagonal(2 * n * rank).fill_(float("-inf"))  # anchor i's own column, 2N rank + i: k != i
-        partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n) + 2 * n * rank
+            # (2N world, d), rank r's rows at [2N r, 2N (r + 1))
+            candidates = GatherWithGrad.apply(z)
+        logits = z @ candidates.T / temperature  # (2N, 2N world): cosine similarity / tau
+        # anchor i's own column, 2N rank + i: k != i
+        logits.diagonal(2 * n * rank).fill_(float("-inf"))
+        partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n) + 2 * n * rank  # (2N,)
         return F.cross_entropy(logits, partner)
 
 
-def cached_backward(net, views, scaler, dtype, temperature, m, fmt=torch.contiguous_format):
-    """Gradient caching (Gao et al. 2021, arXiv 2101.06983): the gradients of 2 x NT-Xent over all 2n views, scaled
-    by `scaler` (a torch.amp.GradScaler), in .grad, with the activations of m images at a time. views: (2n, 3, S, S),
-    the two views of image i at rows i and n+i; net(x) -> (h, z); dtype: autocast's, or None. A micro-batch holds
-    both views of its images (rows [i, i+m) and [n+i, n+i+m)), so that its BN sees both, as a DDP rank's does.
-    -> (loss, h without a graph)"""
-    n, k = views.shape[0] // 2, views.shape[0] // (2 * m)
+def cached_backward(net, views, scaler, dtype, temperature, m,
+                    memory_format=torch.contiguous_format):
+    """Gradient caching (Gao et al. 2021, arXiv 2101.06983): the gradients of 2 x NT-Xent over all
+    2n views, scaled by `scaler` (a torch.amp.GradScaler), in .grad, with the activations of m
+    images at a time. views: (2n, 3, S, S), the two views of image i at rows i and n + i; net(x) ->
+    (h, z); dtype: autocast's, or None. A micro-batch holds both views of its images (rows [i, i +
+    m) and [n + i, n + i + m)), so that its BN sees both, as a DDP rank's does. -> (loss, h without
+    a graph)"""
+    n = views.shape[0] // 2
+    k = n // m  # micro-batches
     starts = range(0, n, m)
-    # (2m, 3, S, S), one micro-batch at a time: a channels-last copy of the whole batch would hold 2n images
-    part = lambda i: torch.cat([views[i:i + m], views[n + i:n + i + m]]).contiguous(memory_format=fmt)  # noqa: E731
-    autocast = partial(torch.autocast, views.device.type, dtype=dtype, enabled=dtype is not None)
-    # 1. z without a graph; BN running statistics and the RNG are put back, so that pass 3 updates the statistics
-    # once per micro-batch and draws what pass 1 drew
-    buffers, saved = list(net.buffers()), [b.clone() for b in net.buffers()]
-    with torch.no_grad(), torch.random.fork_rng([views.device] if views.device.type == "cuda" else []), autocast():
+
+    def part(i):  # (2m, 3, S, S): a channels-last copy of the whole batch would hold 2n images
+        both = torch.cat([views[i:i + m], views[n + i:n + i + m]])
+        return both.contiguous(memory_format=memory_format)
+
+    def autocast():
+        return torch.autocast(views.device.type, dtype=dtype, enabled=dtype is not None)
+
+    # 1. z without a graph. The BN running statistics and the RNG are put back, so that pass 3
+    # updates the statistics once per micro-batch and draws what pass 1 drew.
+    buffers = list(net.buffers())
+    saved = [b.clone() for b in buffers]
+    devices = [views.device] if views.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices), autocast():
         hs, zs = zip(*(net(part(i)) for i in starts))
     torch._foreach_copy_(buffers, saved)
-    # 2. the loss over the whole batch (nt_xent gathers the other ranks' z) and its gradient at z, scaled for fp16
-    zc = torch.cat(zs).requires_grad_()  # (2n, d), micro-batch after micro-batch, each [view 1; view 2]
+
+    # 2. The loss over the whole batch (nt_xent gathers the other ranks' z) and its gradient at z,
+    # scaled for fp16.
+    # (2n, d): micro-batch after micro-batch, each [view 1; view 2]
+    zc = torch.cat(zs).requires_grad_()
     z = zc.view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, d) in the rows of `views`
     loss = nt_xent(z[:n], z[n:], temperature)
     grad, = torch.autograd.grad(scaler.scale(2 * loss), zc)  # (2n, d), micro-batch order
-    # 3. each micro-batch again with its graph, its slice of dL/dz backpropagated; DDP reduces after the last only
-    ddp = next((mod for mod in net.modules() if isinstance(mod, torch.nn.parallel.DistributedDataParallel)), None)
+
+    # 3. Each micro-batch again with its graph, its slice of dL/dz backpropagated; DDP reduces after
+    # the last only.
+    DDP = torch.nn.parallel.DistributedDataParallel
+    ddp = next((mod for mod in net.modules() if isinstance(mod, DDP)), None)
     for j, (i, g) in enumerate(zip(starts, grad.split(2 * m))):
-        with ddp.no_sync() if ddp is not None and j < k - 1 else contextlib.nullcontext():
+        last = j == k - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
             with autocast():
                 _, z_part = net(part(i))  # (2m, d)
             torch.autograd.backward(z_part, g)
-    return loss, torch.cat(hs).view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, feat_dim)
+    # (2n, feat_dim) in the rows of views
+    h = torch.cat(hs).view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)
+    return loss, h

@@ -1,42 +1,54 @@
 """SimCLR network: a torchvision ResNet encoder f(.) without its classifier and an MLP projection
-head g(.), as in "A Simple Framework for Contrastive Learning of Visual Representations" (arXiv 2002.05709).
-"""
+head g(.), as in "A Simple Framework for Contrastive Learning of Visual Representations" (arXiv
+2002.05709)."""
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+         "wide_resnet50_2", "wide_resnet101_2")
+
+
+def small_stem(image_size):
+    """Whether images of this side get the 3x3 stem without max-pool (the paper's CIFAR stem,
+    appendix B.9)."""
+    return image_size <= 64
 
 
 def _init_conv(conv):
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # torchvision's ResNet init
+    # torchvision's ResNet init
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
-
-
-def scale_width(net, width):
-    """Multiply the channels of every conv/BN of a ResNet by `width` (the paper's width multiplier, 1x/2x/4x;
-    below 1x for cheap CPU runs). Module names and structure stay torchvision's."""
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Conv2d):
-                setattr(module, name, _init_conv(nn.Conv2d(
-                    _scaled(child.in_channels, width), _scaled(child.out_channels, width), child.kernel_size,
-                    child.stride, child.padding, groups=child.groups, bias=child.bias is not None)))
-            elif isinstance(child, nn.BatchNorm2d):
-                setattr(module, name, nn.BatchNorm2d(_scaled(child.num_features, width)))
-    return net
 
 
 def _scaled(channels, width):
     return channels if channels == 3 else max(1, round(channels * width))  # the RGB input keeps 3
 
 
-def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1, zero_init_residual=True):
-    """A torchvision ResNet with `fc = nn.Identity()`; returns (encoder, feature dim). With zero_init_residual the
-    last BN of each residual block starts at zero, as in the official SimCLR ResNet (init_zero): every block starts
-    as the identity, which suits training but makes an untrained network's residual branches output nothing.
-    stem_stride 2 makes the small stem a 3x3 stride-2 conv: a quarter of the compute on 28-32 px images."""
+def scale_width(net, width):
+    """Multiply the channels of every conv/BN of a ResNet by `width` (the paper's width multiplier,
+    1x/2x/4x; below 1x for cheap CPU runs). Module names and structure stay torchvision's."""
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d):
+                conv = nn.Conv2d(_scaled(child.in_channels, width),
+                                 _scaled(child.out_channels, width),
+                                 child.kernel_size, child.stride, child.padding,
+                                 groups=child.groups, bias=child.bias is not None)
+                setattr(module, name, _init_conv(conv))
+            elif isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.BatchNorm2d(_scaled(child.num_features, width)))
+    return net
+
+
+def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1,
+                  zero_init_residual=True):
+    """A torchvision ResNet with `fc = nn.Identity()`; returns (encoder, feature dim). With
+    zero_init_residual the last BN of each residual block starts at zero, as in the official SimCLR
+    ResNet (init_zero): every block starts as the identity, which suits training but makes an
+    untrained network's residual branches output nothing. stem_stride 2 makes the small stem a 3x3
+    stride-2 conv: a quarter of the compute on 28-32 px images."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if not width > 0:
@@ -44,26 +56,28 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1, z
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
-    if cifar_stem:  # small images: 3x3 stride-1 conv and no max-pool (paper, appendix B.9)
-        net.conv1 = _init_conv(nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False))
+    if cifar_stem:  # small images: 3x3 conv and no max-pool (paper, appendix B.9)
+        stem = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        net.conv1 = _init_conv(stem)
         net.maxpool = nn.Identity()
     if width != 1.0:
         scale_width(net, width)
         feat_dim = _scaled(feat_dim, width)
-        for m in net.modules() if zero_init_residual else ():  # the new BNs start at one: zero the last BN of each block again
-            if isinstance(m, torchvision.models.resnet.Bottleneck):
-                nn.init.zeros_(m.bn3.weight)
-            elif isinstance(m, torchvision.models.resnet.BasicBlock):
-                nn.init.zeros_(m.bn2.weight)
+        if zero_init_residual:  # the new BNs start at one: zero the last BN of each block again
+            for m in net.modules():
+                if isinstance(m, torchvision.models.resnet.Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, torchvision.models.resnet.BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
     return net, feat_dim
 
 
 class ProjectionHead(nn.Module):
-    """g(h), as the official code builds it (google-research/simclr, model_util.projection_head): `layers` linear
-    layers, each but the last followed by BN and ReLU; the output layer has no bias and, with out_bn, a BN with a
-    scale but no shift (center=False). layers 2 is SimCLR's head, 3 is SimCLRv2's. out_bn=False is the paper's
-    formula W2 ReLU(BN(W1 h)) + b2, the layout of this repo's checkpoints before out_bn existed. A linear layer
-    followed by BN has no bias: BN removes it."""
+    """g(h), as the official code builds it (google-research/simclr, model_util.projection_head):
+    `layers` linear layers, each but the last followed by BN and ReLU; the output layer has no bias
+    and, with out_bn, a BN with a scale but no shift (center=False). layers 2 is SimCLR's head, 3 is
+    SimCLRv2's. out_bn=False is the paper's formula W2 ReLU(BN(W1 h)) + b2. A linear layer followed
+    by BN has no bias: BN removes it."""
 
     def __init__(self, in_dim, proj_dim=128, hidden_dim=None, layers=2, out_bn=True):
         super().__init__()
@@ -77,14 +91,18 @@ class ProjectionHead(nn.Module):
         if out_bn:
             mods.append(nn.BatchNorm1d(proj_dim, affine=False))
         self.net = nn.Sequential(*mods)
-        self.scale = nn.Parameter(torch.ones(proj_dim)) if out_bn else None  # the output BN's gamma (no beta)
+        # the output BN's gamma (no beta)
+        self.scale = nn.Parameter(torch.ones(proj_dim)) if out_bn else None
         self.dims = dims  # dims[k]: the width after k layers
 
     def first_layers(self, k):
-        """The head's first k layers, each (linear, BN, ReLU), sharing their modules: SimCLRv2 fine-tunes from the
-        first layer of its 3-layer head (the official ft_proj_selector). k = 0 is empty (from the encoder)."""
-        if not 0 <= k < len(self.dims) - 1:
-            raise ValueError(f"the head has {len(self.dims) - 1} layers: keep 0 to {len(self.dims) - 2} of them, got {k}")
+        """The head's first k layers, each (linear, BN, ReLU), sharing their modules: SimCLRv2
+        fine-tunes from the first layer of its 3-layer head (the official ft_proj_selector). k = 0
+        is empty (from the encoder)."""
+        layers = len(self.dims) - 1
+        if not 0 <= k < layers:
+            raise ValueError(f"the head has {layers} layers: keep 0 to {layers - 1} of them, "
+                             f"got {k}")
         return nn.Sequential(*self.net[:3 * k])
 
     def forward(self, h):
@@ -93,21 +111,24 @@ class ProjectionHead(nn.Module):
 
 
 class SimCLR(nn.Module):
-    """forward(x) -> (h, z): h = f(x) the encoder features (512 for resnet18, 2048 for resnet50, times the
-    width multiplier), z = g(h) the projection that the NT-Xent loss sees. Keep h for downstream tasks."""
+    """forward(x) -> (h, z): h = f(x) the encoder features (512 for resnet18, 2048 for resnet50,
+    times the width multiplier), z = g(h) the projection that the NT-Xent loss sees. Keep h for
+    downstream tasks."""
 
-    def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None, stem_stride=1,
-                 proj_layers=2, proj_out_bn=True, zero_init_residual=True):
+    def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None,
+                 stem_stride=1, proj_layers=2, proj_out_bn=True, zero_init_residual=True):
         super().__init__()
-        self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width, stem_stride, zero_init_residual)
-        self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim, proj_layers, proj_out_bn)
+        self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width, stem_stride,
+                                                    zero_init_residual)
+        self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim, proj_layers,
+                                        proj_out_bn)
 
     @classmethod
     def from_args(cls, a, **kwargs):
-        """The network of a train.py checkpoint's args (ckpt["args"]); checkpoints older than a flag get the
-        layout they were trained with."""
-        return cls(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"], stem_stride=a.get("stem_stride", 1),
-                   proj_layers=a.get("proj_layers", 2), proj_out_bn=a.get("proj_out_bn", False), **kwargs)
+        """The network of a train.py checkpoint's args (ckpt["args"], every key required)."""
+        return cls(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"],
+                   stem_stride=a["stem_stride"], proj_layers=a["proj_layers"],
+                   proj_out_bn=a["proj_out_bn"], **kwargs)
 
     def forward(self, x):
         h = self.encoder(x)  # (B, feat_dim)
@@ -115,8 +136,18 @@ class SimCLR(nn.Module):
         return h, z
 
 
+def param_groups(module, weight_decay):
+    """Two optimiser groups: the weights, with `weight_decay`; biases and BN parameters (ndim <= 1)
+    without it and without LARS's adaptation (the official code excludes them by name: the same
+    set). `lars` is LARS's key only."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, lars=False)]
+
+
 class AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward sums the gradient over ranks too (every rank's output uses every input)."""
+    """Sum over ranks whose backward sums the gradient over ranks too (every rank's output uses
+    every input)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -132,35 +163,40 @@ class AllReduceSum(torch.autograd.Function):
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm over the batch of every rank (the paper's global BN), in plain torch for any device: torch's
-    SyncBatchNorm has GPU kernels only. Statistics are summed with a differentiable all_reduce, so gradients
-    flow to every rank's inputs; outside training or torch.distributed it is ordinary BN. Same state_dict keys.
-    The variance takes two passes (the global mean, then the squares about it): E[x^2] - E[x]^2 in float32
-    cancels catastrophically when the mean is large against the spread."""
+    """Batch norm over the batch of every rank (the paper's global BN), in plain torch for any
+    device: torch's SyncBatchNorm has GPU kernels only. Statistics are summed with a differentiable
+    all_reduce, so gradients flow to every rank's inputs; outside training or torch.distributed it
+    is ordinary BN. Same state_dict keys. The variance takes two passes (the global mean, then the
+    squares about it): E[x^2] - E[x]^2 in float32 cancels catastrophically when the mean is large
+    against the spread."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input, got {x.dim()}D")
 
     def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (self.training and distributed):
             return super().forward(x)
         c = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, c] + [1] * (x.dim() - 2)
+        dims = [0] + list(range(2, x.dim()))  # every axis but the channels
+        shape = [1, c] + [1] * (x.dim() - 2)  # (C,) -> (1, C, 1, 1)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         count = torch.full((1,), x.numel() // c, dtype=xf.dtype, device=x.device)
         stats = AllReduceSum.apply(torch.cat([xf.sum(dims), count]))  # (C + 1,) summed over ranks
         n = stats[-1]
-        mean = stats[:c] / n
-        d = xf - mean.view(shape)  # (C,) -> (1, C, 1, 1)
+        mean = stats[:c] / n  # (C,)
+        d = xf - mean.view(shape)
         var = AllReduceSum.apply((d * d).sum(dims)) / n  # (C,) biased, as BN normalises with
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                m = self.momentum
+                if m is None:  # a cumulative average, as torch's BN
+                    m = 1 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
-                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased
+                # unbiased
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
         y = d * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
@@ -169,7 +205,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def convert_global_bn(module):
     """Every BatchNorm of `module` as a GlobalBatchNorm holding the same parameters and buffers."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+    is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    if is_bn and not isinstance(module, GlobalBatchNorm):
         like = module.weight if module.affine else module.running_mean
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats, device=like.device, dtype=like.dtype)

@@ -12,6 +12,18 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import augment  # noqa: E402 (after the path above)
+
+
+def batch_augment(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, compile=False, **recipe):
+    """augment.BatchAugment from the flat keywords the tests write: View(size, mean, std), Recipe(**recipe)."""
+    return augment.BatchAugment(augment.View(size, mean, std), augment.Recipe(**recipe), compile=compile)
+
+
+def simclr_transform(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, **recipe):
+    """augment.SimCLRTransform from flat keywords, as batch_augment."""
+    return augment.SimCLRTransform(augment.View(size, mean, std), augment.Recipe(**recipe))
+
 
 def _images(n, size, channels=3, seed=0):
     """Random uint8 images whose class (i % 10) sets the mean brightness, so a probe has something to find."""

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from augment import SimCLRTransform, blur_kernel_size, eval_transform, save_preview
+from augment import View, blur_kernel_size, save_preview
+from conftest import simclr_transform
 
 GRAY = dict(mean=(0.5,) * 3, std=(0.5,) * 3)  # the same for every channel, so R=G=B survives normalisation
 PLAIN = dict(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0, blur_p=0, **GRAY)
@@ -30,7 +31,7 @@ def test_shapes_dtype_range_and_views_differ(as_tensor):
     img = image(40)
     if as_tensor:
         img = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # uint8 (3, H, W)
-    t = SimCLRTransform(24, **GRAY)
+    t = simclr_transform(24, **GRAY)
     v1, v2_ = t(img)
     assert v1.shape == v2_.shape == (3, 24, 24) and v1.dtype == torch.float32
     # (x - 0.5) / 0.5 * 0.5 + 0.5 for x in [0, 1]: two roundings of values <= 1 (<= 1.2e-7) -> 1e-6
@@ -40,7 +41,7 @@ def test_shapes_dtype_range_and_views_differ(as_tensor):
 
 def test_no_augmentation_gives_the_image():
     img = image(16)
-    v1, v2_ = SimCLRTransform(16, **PLAIN)(img)
+    v1, v2_ = simclr_transform(16, **PLAIN)(img)
     expected = v2.functional.to_dtype(v2.functional.to_image(img), torch.float32, scale=True)
     torch.testing.assert_close(unnorm(v1), expected)
     torch.testing.assert_close(v1, v2_)
@@ -48,32 +49,32 @@ def test_no_augmentation_gives_the_image():
 
 def test_flip_p1_flips():
     img = image(16)
-    v1, _ = SimCLRTransform(16, **{**PLAIN, "flip_p": 1.0})(img)
-    plain, _ = SimCLRTransform(16, **PLAIN)(img)
+    v1, _ = simclr_transform(16, **{**PLAIN, "flip_p": 1.0})(img)
+    plain, _ = simclr_transform(16, **PLAIN)(img)
     torch.testing.assert_close(v1, plain.flip(-1))
 
 
 def test_grayscale_p1_gives_r_equal_g_equal_b():
-    v1, _ = SimCLRTransform(16, **{**PLAIN, "gray_p": 1.0})(image(16))
+    v1, _ = simclr_transform(16, **{**PLAIN, "gray_p": 1.0})(image(16))
     # one uint8 luma written to the three channels, normalised by the same mean and std: equal, not close
     assert torch.equal(v1[0], v1[1]) and torch.equal(v1[1], v1[2])
-    rgb, _ = SimCLRTransform(16, **PLAIN)(image(16))
+    rgb, _ = simclr_transform(16, **PLAIN)(image(16))
     assert (rgb[0] - rgb[1]).abs().max() > 0.1
 
 
 def test_jitter_p_and_strength_take_effect():
     img = image(16)
-    plain, _ = SimCLRTransform(16, **PLAIN)(img)
-    jittered, _ = SimCLRTransform(16, **{**PLAIN, "jitter_p": 1.0})(img)
+    plain, _ = simclr_transform(16, **PLAIN)(img)
+    jittered, _ = simclr_transform(16, **{**PLAIN, "jitter_p": 1.0})(img)
     assert (jittered - plain).abs().mean() > 0.01
-    none, _ = SimCLRTransform(16, **{**PLAIN, "jitter_p": 1.0, "s": 0.0})(img)
+    none, _ = simclr_transform(16, **{**PLAIN, "jitter_p": 1.0, "s": 0.0})(img)
     torch.testing.assert_close(none, plain)
 
 
 def test_crop_scale_takes_effect():
     img = image(32)
-    plain, _ = SimCLRTransform(32, **PLAIN)(img)
-    small, _ = SimCLRTransform(32, **{**PLAIN, "crop_scale": (0.1, 0.1)})(img)
+    plain, _ = simclr_transform(32, **PLAIN)(img)
+    small, _ = simclr_transform(32, **{**PLAIN, "crop_scale": (0.1, 0.1)})(img)
     assert (small - plain).abs().mean() > 0.1
     # a 10% crop upscaled 10x in area is much smoother than the white-noise image
     assert small.diff(dim=-1).abs().mean() < 0.6 * plain.diff(dim=-1).abs().mean()
@@ -81,22 +82,22 @@ def test_crop_scale_takes_effect():
 
 def test_blur_p1_smooths_and_default_blur_depends_on_size():
     img = image(64)
-    plain, _ = SimCLRTransform(64, **PLAIN)(img)
-    blurred, _ = SimCLRTransform(64, **{**PLAIN, "blur_p": 1.0, "blur_sigma": (2.0, 2.0)})(img)
+    plain, _ = simclr_transform(64, **PLAIN)(img)
+    blurred, _ = simclr_transform(64, **{**PLAIN, "blur_p": 1.0, "blur_sigma": (2.0, 2.0)})(img)
     assert blurred.diff(dim=-1).abs().mean() < 0.5 * plain.diff(dim=-1).abs().mean()
     assert blur_kernel_size(96) == 9 and blur_kernel_size(224) == 23 and blur_kernel_size(28) == 3
     has_blur = lambda t: any(isinstance(op, v2.RandomApply) and isinstance(op.transforms[0], v2.GaussianBlur)
                              for op in t.transform.transforms)
-    assert has_blur(SimCLRTransform(96)) and not has_blur(SimCLRTransform(32))
-    assert has_blur(SimCLRTransform(32, blur_p=0.5))
+    assert has_blur(simclr_transform(96)) and not has_blur(simclr_transform(32))
+    assert has_blur(simclr_transform(32, blur_p=0.5))
 
 
 def test_rotation_p1_rotates_by_a_multiple_of_90():
     img = image(16)
-    plain, _ = SimCLRTransform(16, **PLAIN)(img)
+    plain, _ = simclr_transform(16, **PLAIN)(img)
     for seed in range(4):
         torch.manual_seed(seed)
-        rot, _ = SimCLRTransform(16, **{**PLAIN, "rotate_p": 1.0})(img)
+        rot, _ = simclr_transform(16, **{**PLAIN, "rotate_p": 1.0})(img)
         dists = [(rot - torch.rot90(plain, k, dims=(1, 2))).abs().max().item() for k in (1, 2, 3)]
         # nearest-neighbour rotation copies pixels (0 here); a wrong pixel differs by a uint8 step, 2/255 = 8e-3
         assert min(dists) < 1e-5
@@ -104,17 +105,17 @@ def test_rotation_p1_rotates_by_a_multiple_of_90():
 
 def test_solarize_p1_inverts_bright_pixels():
     img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
-    v, _ = SimCLRTransform(8, **{**PLAIN, "solarize_p": 1.0})(img)
+    v, _ = simclr_transform(8, **{**PLAIN, "solarize_p": 1.0})(img)
     torch.testing.assert_close(unnorm(v), torch.full((3, 8, 8), 55 / 255))
 
 
 def test_eval_transform_is_deterministic_and_sized():
-    t = eval_transform(24, **GRAY)
+    t = View(24, **GRAY).transform()
     a, b = t(image(40)), t(image(40))
     assert a.shape == (3, 24, 24) and torch.equal(a, b)
 
 
 def test_preview_png(tmp_path):
-    path = save_preview([image(20, s) for s in range(3)], SimCLRTransform(20), tmp_path / "aug.png")
+    path = save_preview([image(20, s) for s in range(3)], simclr_transform(20), tmp_path / "aug.png")
     w, h = Image.open(path).size
     assert (w, h) == (3 * 102 + 2, 3 * 102 + 2)  # 3 x 3 tiles (image, view 1, view 2) of 20 px x 5 >= 96 px, padding 2

@@ -7,6 +7,7 @@ import torchvision
 from torchvision.transforms.v2 import functional as TF
 
 import augment as A
+from conftest import batch_augment
 
 GRAY = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -104,7 +105,7 @@ def params_identity(aug, b, size, **over):
 
 def test_jitter_is_torchvisions_four_ops_in_each_samples_order():
     x = images(12)
-    aug = A.BatchAugment(24, jitter_p=1.0, gray_p=0, blur_p=0, flip_p=0, **GRAY)
+    aug = batch_augment(24, jitter_p=1.0, gray_p=0, blur_p=0, flip_p=0, **GRAY)
     p = params_identity(aug, 12, 24)
     ours = aug.apply(x, p) * 0.5 + 0.5
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -120,7 +121,7 @@ def test_jitter_is_torchvisions_four_ops_in_each_samples_order():
 def test_full_pipeline_matches_torchvision_composition():
     """crop + flip + jitter + grayscale + blur + solarize + normalise, sample by sample."""
     x = images(10, size=40)
-    aug = A.BatchAugment(32, jitter_p=0.8, gray_p=0.5, blur_p=0.5, solarize_p=0.5, **GRAY)
+    aug = batch_augment(32, jitter_p=0.8, gray_p=0.5, blur_p=0.5, solarize_p=0.5, **GRAY)
     p = aug.sample_params(10, 40, 40, torch.Generator().manual_seed(5))
     ours = aug.apply(x, p) * 0.5 + 0.5
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -143,7 +144,7 @@ def test_full_pipeline_matches_torchvision_composition():
 
 def test_uint8_and_float_inputs_agree_and_one_channel_is_repeated():
     x8 = uint8_images(5, 20)
-    aug = A.BatchAugment(16, **GRAY)
+    aug = batch_augment(16, **GRAY)
     p = aug.sample_params(5, 20, 20, torch.Generator().manual_seed(0))
     # the crop of x then / 255, or of x / 255: ~3 roundings apart = 1.5 ulp(1) = 1.8e-7, grown by the three affine
     # colour ops (|f| + |1 - f| <= 2.6 each: 18x; hue keeps the spread) and by 1/std = 2: 6e-6 -> 1e-5
@@ -154,7 +155,7 @@ def test_uint8_and_float_inputs_agree_and_one_channel_is_repeated():
 
 def test_chunked_cpu_path_equals_one_chunk():
     x = uint8_images(20, 28)
-    aug = A.BatchAugment(24, blur_p=0.5)
+    aug = batch_augment(24, blur_p=0.5)
     p = aug.sample_params(20, 28, 28, torch.Generator().manual_seed(0))
     whole = aug.apply(x, p)
     aug.cpu_chunk_bytes = 4 * 3 * 24 * 24 * 3  # three samples per chunk
@@ -170,7 +171,7 @@ def test_chunked_cpu_path_equals_one_chunk():
 def test_compiled_kernels_equal_eager():
     """Slow-ish (torch.compile of two small functions, a few seconds)."""
     x = uint8_images(16, 32)
-    eager, comp = A.BatchAugment(32, solarize_p=0.3), A.BatchAugment(32, solarize_p=0.3, compile=True)
+    eager, comp = batch_augment(32, solarize_p=0.3), batch_augment(32, solarize_p=0.3, compile=True)
     p = eager.sample_params(16, 32, 32, torch.Generator().manual_seed(0))
     out = comp.apply(x, p)
     if comp.hue.compiled is None or comp.finish.compiled is None:  # fell back to eager: nothing was compared
@@ -183,7 +184,7 @@ def test_compiled_kernels_equal_eager():
 
 def test_views_differ_and_generator_makes_them_reproducible():
     x = uint8_images(8, 32)
-    aug = A.BatchAugment(32)
+    aug = batch_augment(32)
     v1 = aug(x, torch.Generator().manual_seed(0))
     assert not torch.equal(v1, aug(x, torch.Generator().manual_seed(1)))
     torch.testing.assert_close(v1, aug(x, torch.Generator().manual_seed(0)))
@@ -199,7 +200,7 @@ def within_3_sigma(frac, p, n=N):
 
 
 def test_crop_area_and_aspect_follow_torchvisions_sampler():
-    aug = A.BatchAugment(96)
+    aug = batch_augment(96)
     p = aug.sample_params(N, 96, 96, torch.Generator().manual_seed(0))
     top, left, h, w = p["boxes"].unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 96).all() and (left + w <= 96).all()
@@ -221,13 +222,13 @@ def test_crop_area_and_aspect_follow_torchvisions_sampler():
 @pytest.mark.parametrize("key,p_attr,value", [("gray", "gray_p", 0.2), ("flip", "flip_p", 0.5),
                                               ("jitter", "jitter_p", 0.8), ("solarize", "solarize_p", 0.1)])
 def test_fractions_near_their_probability(key, p_attr, value):
-    aug = A.BatchAugment(96, **{p_attr: value})
+    aug = batch_augment(96, **{p_attr: value})
     p = aug.sample_params(N, 96, 96, torch.Generator().manual_seed(1))
     assert within_3_sigma(p[key].float().mean().item(), value)
 
 
 def test_blur_fraction_sigma_range_and_factor_ranges():
-    aug = A.BatchAugment(96, s=1.0, rotate_p=0.3)
+    aug = batch_augment(96, s=1.0, rotate_p=0.3)
     p = aug.sample_params(N, 96, 96, torch.Generator().manual_seed(2))
     blurred = p["sigma"] > 0
     assert within_3_sigma(blurred.float().mean().item(), 0.5)
@@ -238,4 +239,4 @@ def test_blur_fraction_sigma_range_and_factor_ranges():
     assert within_3_sigma((p["rot"] > 0).float().mean().item(), 0.3)
     assert set(p["rot"].unique().tolist()) == {0, 1, 2, 3}
     assert (p["order"].sort(1).values == torch.arange(4)).all()  # a permutation per sample
-    assert A.BatchAugment(32).blur_p == 0 and A.BatchAugment(96).blur_p == 0.5
+    assert batch_augment(32).blur_p == 0 and batch_augment(96).blur_p == 0.5

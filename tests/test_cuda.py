@@ -5,11 +5,10 @@ import os
 import pytest
 import torch
 
-import augment as A
 from data import get_dataset
 import harness
 import train
-from conftest import write_idx
+from conftest import write_idx, batch_augment
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.25", "--batch-size", "64", "--no-download",
@@ -31,7 +30,7 @@ def test_batched_augmentation_on_cuda_equals_the_cpu(monkeypatch):
     ~10 roundings of values <= 1 before normalising by std 0.25 -> a few 1e-6; atol 1e-4 leaves room for
     grid_sample's bilinear weights, computed from the coordinates with their own rounding."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    aug = A.BatchAugment(32, blur_p=0.5, rotate_p=0.3, solarize_p=0.2)
+    aug = batch_augment(32, blur_p=0.5, rotate_p=0.3, solarize_p=0.2)
     x = torch.randint(0, 256, (64, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     params = aug.sample_params(64, 40, 40, torch.Generator().manual_seed(1))
     cpu = aug.apply(x, params)
@@ -77,13 +76,13 @@ def test_thirty_training_steps_never_sync_with_the_host(fm, tmp_path):
     batches = views.steps(0, 40)
     for _ in range(5):  # warm-up: cudnn.benchmark, allocator, lazy init
         _, _, (x, y) = next(batches)
-        train.train_step(model, x, optimizer, scaler, torch.bfloat16, 0.5)
+        train.train_step(model, x, optimizer, scaler, torch.bfloat16, args)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(30):
             _, _, (x, y) = next(batches)
-            loss = train.train_step(model, x, optimizer, scaler, torch.bfloat16, 0.5)
+            loss, _ = train.train_step(model, x, optimizer, scaler, torch.bfloat16, args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()

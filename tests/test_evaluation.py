@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import eval_linear
+import evaluation
+import finetune
 import train
+from augment import View
 from conftest import write_idx
 from model import SimCLR
 
@@ -20,30 +23,30 @@ def test_knn_on_separable_features_is_perfect():
     ytr, yte = torch.arange(200) % 4, torch.arange(40) % 4
     xtr = centres[ytr] + torch.randn(200, 16, generator=g) * 0.1
     xte = centres[yte] + torch.randn(40, 16, generator=g) * 0.1
-    scores = eval_linear.knn_predict(xtr, ytr, xte, 4, k=20)
+    scores = evaluation.knn_predict(xtr, ytr, xte, 4, k=20)
     assert (scores.argmax(1) == yte).all()
 
 
 @pytest.mark.parametrize("fraction,per_class", [(0.01, 1), (0.1, 6), (0.5, 30), (1.0, 60)])
 def test_label_fraction_subsets_are_class_balanced(fraction, per_class):
     labels = torch.arange(600) % 10
-    idx = eval_linear.balanced_subset(labels, fraction, seed=0)
+    idx = evaluation.balanced_subset(labels, fraction, seed=0)
     assert torch.bincount(labels[idx], minlength=10).tolist() == [per_class] * 10
     assert len(idx.unique()) == len(idx)
-    assert torch.equal(idx, eval_linear.balanced_subset(labels, fraction, seed=0))  # fixed seed
+    assert torch.equal(idx, evaluation.balanced_subset(labels, fraction, seed=0))  # fixed seed
 
 
 def test_logistic_regression_chooses_weight_decay_on_held_out_training_images():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 5, generator=g)
     y = (x[:, 0] > 0).long()
-    args = eval_linear.get_args_parser().parse_args([])
-    logits, wd = eval_linear.linear_probe(x, y, x[:50], 2, args)  # the test labels are not even an argument
+    grid = eval_linear.get_args_parser().parse_args([]).weight_decay
+    logits, wd = eval_linear.linear_probe(x, y, x[:50], 2, grid)  # the test labels are not even an argument
     # separable data: every decay scores 100% on the held-out images and a tie goes to the strongest decay (the
     # simplest model); a choice made on the training fit itself would take the weakest (its loss is lowest)
     assert wd == max(eval_linear.WEIGHT_DECAYS) and (logits.argmax(1) == y[:50]).float().mean() > 0.95
-    args = eval_linear.get_args_parser().parse_args(["--weight-decay", "0.5"])
-    assert eval_linear.linear_probe(x, y, x[:50], 2, args)[1] == 0.5
+    one = eval_linear.get_args_parser().parse_args(["--weight-decay", "0.5"]).weight_decay
+    assert eval_linear.linear_probe(x, y, x[:50], 2, one)[1] == 0.5
 
 
 def test_warm_started_path_chooses_the_weight_decay_of_converged_fits():
@@ -53,7 +56,7 @@ def test_warm_started_path_chooses_the_weight_decay_of_converged_fits():
     x = torch.randn(200, 150, generator=g)
     y = ((x[:, 0] + x[:, 1] + torch.randn(200, generator=g)) > 0).long()
     args = eval_linear.get_args_parser().parse_args([])
-    chosen = eval_linear.linear_probe(x, y, x[:10], 2, args)[1]
+    chosen = eval_linear.linear_probe(x, y, x[:10], 2, args.weight_decay, args.seed)[1]
     xs = (x - x.mean(0)) / (x.std(0) + 1e-6)
     perm = torch.randperm(200, generator=torch.Generator().manual_seed(args.seed))
     val, fit = perm[:20], perm[20:]
@@ -70,10 +73,10 @@ def test_features_follow_the_autocast_dtype():
     torch.manual_seed(0)
     encoder = SimCLR("resnet18", cifar_stem=True, width=0.25).encoder.eval()
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
-    mean, std = torch.tensor([0.5] * 3), torch.tensor([0.25] * 3)
+    view = View(28, (0.5,) * 3, (0.25,) * 3)
     with torch.no_grad():
-        f32 = eval_linear.extract_features(encoder, images, 28, mean, std, torch.device("cpu"))
-        bf16 = eval_linear.extract_features(encoder, images, 28, mean, std, torch.device("cpu"), dtype=torch.bfloat16)
+        f32 = evaluation.features(encoder, images, view, torch.device("cpu"))
+        bf16 = evaluation.features(encoder, images, view, torch.device("cpu"), dtype=torch.bfloat16)
     assert f32.dtype == bf16.dtype == torch.float32 and not torch.equal(f32, bf16)
     assert torch.nn.functional.cosine_similarity(f32, bf16).min() > 0.99
 
@@ -102,11 +105,13 @@ def test_online_probe_leaves_the_encoder_gradients_unchanged():
     for use_probe in (False, True):
         torch.manual_seed(1)
         model = SimCLR("resnet18", proj_dim=16, cifar_stem=True, width=0.125)
-        args = train.get_args_parser().parse_args(["--lr", "0.3"])
+        args = train.get_args_parser().parse_args(["--lr", "0.3", "--temperature", "0.5"])
         opt = train.build_optimizer(model, args, 0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        probe = eval_linear.OnlineProbe(model.feat_dim, 10, torch.device("cpu")) if use_probe else None
-        train.train_step(model, views, opt, scaler, None, 0.5, True, probe, labels)
+        probe = train.OnlineProbe(model.feat_dim, 10, torch.device("cpu")) if use_probe else None
+        _, h = train.train_step(model, views, opt, scaler, None, args)
+        if probe is not None:  # as the loop does after each step
+            probe.step(h, torch.cat([labels, labels]))
         results.append(({k: p.grad.clone() for k, p in model.named_parameters()}, model.state_dict()))
         if probe is not None:
             assert probe.head.weight.grad is not None and probe.seen.item() == 14  # the -1 label skipped twice
@@ -115,16 +120,27 @@ def test_online_probe_leaves_the_encoder_gradients_unchanged():
 
 
 def test_protocols_fractions_plots_and_json(pretrained, capsys, tmp_path):
+    """eval_linear.py (linear, kNN, three encoders, two fractions), then finetune.py on the same checkpoint: one
+    results file and one summary line with every number, the table, the plots."""
     data, out = pretrained
     capsys.readouterr()
     eval_linear.main(eval_linear.get_args_parser().parse_args(
         ["--ckpt", str(out / "last.pt"), "--random-init", "--pixels", "--data-dir", data,
-         "--protocol", "linear", "knn", "finetune", "--label-fraction", "0.5", "1.0", "--finetune-epochs", "2",
-         "--weight-decay", "1e-4", "1e-2", "--amp", "off"]))
+         "--protocol", "linear", "knn", "--label-fraction", "0.5", "1.0", "--weight-decay", "1e-4", "1e-2",
+         "--amp", "off"]))
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert {"simclr_top1", "random_top1", "pixels_top1", "seconds", "top1", "top5", "ckpt", "dataset"} <= set(result)
-    rows = result["results"]
+    assert any("simclr" in line and "linear" in line for line in lines)  # the table
+    finetune.main(finetune.get_args_parser().parse_args(
+        ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--label-fraction", "0.5", "1.0",
+         "--epochs", "2", "--amp", "off"]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    merged = json.loads(lines[-1])
+    for key in ("simclr_top1", "random_top1", "pixels_top1"):  # the linear numbers stay in the summary
+        assert merged[key] == result[key], key
+    assert {"simclr_finetune_top1", "random_finetune_top1"} <= set(merged)
+    rows = merged["results"]
     assert len([r for r in rows if r["protocol"] == "linear"]) == 3 * 2
     assert len([r for r in rows if r["protocol"] == "knn"]) == 3 * 2
     fine = [r for r in rows if r["protocol"] == "finetune"]
@@ -132,13 +148,15 @@ def test_protocols_fractions_plots_and_json(pretrained, capsys, tmp_path):
     assert {r["train_samples"] for r in rows} == {30, 60}
     for name in ("ablation_fashion-mnist.png", "label_fractions_fashion-mnist.png", "eval_fashion-mnist.json"):
         assert os.path.getsize(out / name) > 0
-    assert any("simclr" in line and "linear" in line for line in lines)  # the table
+    assert any("simclr" in line and "finetune" in line for line in lines)  # the table
+    with open(out / "eval_fashion-mnist.json") as f:
+        assert json.load(f) == merged
 
 
 def test_linear_evaluation_refuses_an_encoder_that_changed(pretrained, monkeypatch):
     """The frozen-encoder check can fail: a feature extractor that runs BN in train mode is caught."""
     data, out = pretrained
-    real = eval_linear.extract_features
+    real = evaluation.features
 
     def leaky(encoder, *a, **k):
         if encoder is not None:
@@ -146,27 +164,29 @@ def test_linear_evaluation_refuses_an_encoder_that_changed(pretrained, monkeypat
             with torch.no_grad():
                 encoder(torch.randn(4, 3, 28, 28))  # moves the BN running statistics
         return real(encoder, *a, **k)
-    monkeypatch.setattr(eval_linear, "extract_features", leaky)
+    monkeypatch.setattr(evaluation, "features", leaky)
     with pytest.raises(AssertionError, match="encoder changed"):
         eval_linear.main(eval_linear.get_args_parser().parse_args(["--ckpt", str(out / "last.pt"), "--data-dir", data]))
 
 
 def test_eval_on_val_holds_out_training_images_and_never_reads_the_test_split(pretrained, capsys, monkeypatch):
     data, out = pretrained
-    real = eval_linear.get_dataset
+    real = evaluation.get_dataset
 
     def no_test(name, root, split, **kw):
         assert split != "test", "the test split was opened"
         return real(name, root, split, **kw)
-    monkeypatch.setattr(eval_linear, "get_dataset", no_test)
+    monkeypatch.setattr(evaluation, "get_dataset", no_test)
     capsys.readouterr()
-    eval_linear.main(eval_linear.get_args_parser().parse_args(
-        ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--eval-on", "val", "--val-fraction",
-         "0.2", "--protocol", "linear", "finetune", "--finetune-epochs", "1", "--finetune-lr", "0.05", "0.1",
-         "--finetune-lr-random", "0.2", "--amp", "off"]))
+    common = ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--eval-on", "val",
+              "--val-fraction", "0.2", "--amp", "off"]
+    eval_linear.main(eval_linear.get_args_parser().parse_args(common))
+    finetune.main(finetune.get_args_parser().parse_args(
+        common + ["--epochs", "1", "--lr", "0.05", "0.1", "--lr-random", "0.2"]))
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["eval_on"] == "val" and result["test_samples"] == 10 and result["train_samples"] == 50  # 1 in 6
     assert all(r["split"] == "val" for r in result["results"])
+    assert {r["protocol"] for r in result["results"]} == {"linear", "finetune"}
     lrs = {(r["encoder"], r["lr"]) for r in result["results"] if r["protocol"] == "finetune"}
     assert lrs == {("simclr", 0.05), ("simclr", 0.1), ("random", 0.2)}  # the random network's own rate
     assert os.path.exists(out / "eval_fashion-mnist_val.json")
@@ -176,35 +196,35 @@ def test_validation_images_are_class_balanced_fixed_and_apart_from_training(pret
     data, _ = pretrained
     args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir", data, "--eval-on",
                                                      "val", "--val-fraction", "0.2", "--seed", "5"])
-    args.finetune_label_fraction = args.label_fraction
-    a = eval_linear.load_data(args, {}, torch.device("cpu"))
+    a = evaluation.load_data(args, {}, torch.device("cpu"))
     args.seed = 6  # another run's seed: the same validation images
-    b = eval_linear.load_data(args, {}, torch.device("cpu"))
-    assert torch.equal(a["eval_images"], b["eval_images"])  # fixed by --val-seed, whatever --seed
-    assert torch.bincount(a["yev"], minlength=10).tolist() == [1] * 10  # round(0.2 x 6) of each class
-    train_rows = {tuple(x.flatten().tolist()) for x in a["train_images"]}
-    assert not any(tuple(x.flatten().tolist()) in train_rows for x in a["eval_images"])
-    assert len(a["ytr"]) + len(a["yev"]) == 60 and len(a["yev"]) == 10
+    b = evaluation.load_data(args, {}, torch.device("cpu"))
+    assert torch.equal(a.eval_images, b.eval_images)  # fixed by --val-seed, whatever --seed
+    assert torch.bincount(a.eval_labels, minlength=10).tolist() == [1] * 10  # round(0.2 x 6) of each class
+    train_rows = {tuple(x.flatten().tolist()) for x in a.train_images}
+    assert not any(tuple(x.flatten().tolist()) in train_rows for x in a.eval_images)
+    assert len(a.train_labels) + len(a.eval_labels) == 60 and len(a.eval_labels) == 10
+
+
+RESNET50 = dict(arch="resnet50", width=0.25, cifar_stem=True, stem_stride=1, proj_dim=128, proj_layers=2,
+                proj_out_bn=True, dataset="fashion-mnist", image_size=28)
 
 
 def test_random_init_baseline_has_working_branches_and_estimated_bn_statistics(tmp_path):
     """The fair baseline: every residual branch outputs something, and every BN normalises with statistics of the
     training images (estimated without labels or gradients), not the fresh mean 0 / variance 1."""
     data = str(write_idx(tmp_path / "fm", n_train=60, n_test=20))
-    args = eval_linear.get_args_parser().parse_args(["--random-init", "--dataset", "fashion-mnist", "--arch",
-                                                     "resnet50", "--width", "0.25", "--data-dir", data])
-    args.finetune_label_fraction = args.label_fraction
-    (name, model, _), = eval_linear.load_encoders(args)
-    d = eval_linear.load_data(args, {}, torch.device("cpu"))
-    enc = eval_linear.fit_bn_statistics(model.encoder, d["train_images"], 28, d["mean"], d["std"],
-                                        torch.device("cpu"), None)
+    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir", data])
+    model = evaluation.random_network(RESNET50, seed=0)
+    d = evaluation.load_data(args, RESNET50, torch.device("cpu"))
+    enc = evaluation.fit_bn_statistics(model.encoder, d.train_images, d.view, torch.device("cpu"), None)
     outputs, inputs = [], {}
     for block in (b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer):
         block.bn3.register_forward_hook(lambda m, i, o: outputs.append(o.abs().max().item()))
     enc.bn1.register_forward_hook(lambda m, i, o: inputs.update(x=i[0]))
     with torch.no_grad():
-        enc(eval_linear.eval_batch(d["train_images"], 28, d["mean"], d["std"]))
-    assert name == "random" and len(outputs) == 16 and min(outputs) > 0
+        enc(d.view.batch(d.train_images))
+    assert len(outputs) == 16 and min(outputs) > 0
     bn = enc.bn1  # its statistics are those of its inputs over the training images
     x = inputs["x"].transpose(0, 1).flatten(1)  # (C, N H W)
     # float32 sums over 60 x 28 x 28 values per channel in another order than BN's kernel: ~1e-6 relative

@@ -5,6 +5,8 @@ import torch
 
 import augment as A
 import data
+import harness
+from conftest import batch_augment, one_line_exit_2
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -15,19 +17,21 @@ def fake_cuda(monkeypatch, current=0):
 
 
 def test_bare_cuda_resolves_to_the_index_tensors_report(monkeypatch):
+    """One resolution of --device for every script (harness.check_device): data.py takes its result."""
     assert torch.device("cuda") != torch.device("cuda:0")  # why: a bare device never equals a tensor's
     fake_cuda(monkeypatch, current=1)
-    assert data.resolve_device("cuda") == torch.device("cuda:1")
-    assert data.resolve_device(torch.device("cuda")) == torch.device("cuda:1")
-    assert data.resolve_device("cuda:0") == torch.device("cuda:0")
-    assert data.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert harness.check_device("cuda") == torch.device("cuda:1")
+    assert harness.check_device(torch.device("cuda")) == torch.device("cuda:1")
+    assert harness.check_device("cuda:0") == torch.device("cuda:0")
+    assert harness.check_device("cpu") == torch.device("cpu")
 
 
-def test_bare_cuda_without_cuda_is_left_for_torch_to_report(monkeypatch):
+def test_bare_cuda_without_cuda_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked for the current CUDA device"))
-    assert data.resolve_device("cuda") == torch.device("cuda")
-    assert data.resolve_device("cpu") == torch.device("cpu")
+    assert "no CUDA GPU" in one_line_exit_2(capsys, lambda: harness.check_device("cuda"))
+    assert harness.check_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("src,dst,pin", [
@@ -42,13 +46,15 @@ def test_pin_only_from_the_host_to_a_gpu(src, dst, pin):
     assert data.pin_before_copy(torch.device(src), torch.device(dst)) is pin
 
 
-def test_resident_images_resolve_a_bare_cuda_device(monkeypatch):
-    """The device that batch() compares with the images' is the resolved one, also where free memory is asked."""
+def test_resident_images_take_the_resolved_device(monkeypatch):
+    """The device that batch() compares with the images' is check_device's, also where free memory is asked."""
     fake_cuda(monkeypatch, current=0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: asked.append(d) or (0, 1 << 30))  # too full
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # no CUDA driver to pin with here
-    r = data.ResidentImages(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.arange(4), "cuda")
+    device = harness.check_device("cuda")
+    r = data.ResidentImages(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.arange(4), device)
     assert r.device == torch.device("cuda:0") and asked == [torch.device("cuda:0")]
     assert data.pin_before_copy(r.images.device, r.device)  # held on the host: batches are pinned, then copied
 
@@ -67,7 +73,7 @@ def test_resident_images_on_a_bare_cuda_device(monkeypatch, free):
     if free is not None:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free, 1 << 30))
     images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    r = data.ResidentImages(images, torch.arange(6), "cuda")
+    r = data.ResidentImages(images, torch.arange(6), harness.check_device("cuda"))
     x, y = r.batch(torch.tensor([4, 1]))
     assert x.is_cuda and y.is_cuda and torch.equal(x.cpu(), images[[4, 1]]) and y.tolist() == [4, 1]
 
@@ -108,7 +114,7 @@ def test_colour_ops_copy_no_host_data_to_the_pixels_device(host_data_on_device, 
 
 def test_batch_augment_copies_no_host_data_to_the_pixels_device(host_data_on_device):
     """Every op on (jitter with hue always, blur, grayscale, rotation, solarize), parameters on the CPU."""
-    aug = A.BatchAugment(8, jitter_p=1.0, gray_p=0.5, blur_p=0.5, rotate_p=0.5, solarize_p=0.5).to("meta")
+    aug = batch_augment(8, jitter_p=1.0, gray_p=0.5, blur_p=0.5, rotate_p=0.5, solarize_p=0.5).to("meta")
     out = aug(meta_pixels(6, 12, torch.uint8), torch.Generator().manual_seed(0))
     assert out.shape == (6, 3, 8, 8) and out.device.type == "meta" and host_data_on_device == []
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import harness
 from model import ProjectionHead, SimCLR, build_encoder
 
 
@@ -48,16 +49,22 @@ def test_paper_head_without_output_bn_keeps_the_old_layout():
     assert head.net[0].bias is None and head.net[3].bias is not None and head.scale is None
 
 
-def test_a_checkpoint_from_before_the_head_flags_still_loads():
-    """Checkpoints written before --proj-layers/--proj-out-bn have no such args: from_args rebuilds their head."""
+def test_a_checkpoint_from_before_the_head_flags_still_loads(tmp_path):
+    """Checkpoints written before --stem-stride/--proj-layers/--proj-out-bn lack those args: loading one fills in
+    the values those runs used (harness.CHECKPOINT_DEFAULTS), so that from_args rebuilds their head."""
     torch.manual_seed(0)
     old = SimCLR("resnet18", proj_dim=16, cifar_stem=True, width=0.125, proj_out_bn=False)
-    args = {"arch": "resnet18", "proj_dim": 16, "cifar_stem": True, "width": 0.125, "stem_stride": 1}
-    new = SimCLR.from_args(args)
-    new.load_state_dict(old.state_dict())  # strict
+    args = {"arch": "resnet18", "proj_dim": 16, "cifar_stem": True, "width": 0.125}
+    torch.save({"model": old.state_dict(), "args": args}, tmp_path / "old.pt")
+    ckpt = harness.load_checkpoint(str(tmp_path / "old.pt"))
+    new = SimCLR.from_args(ckpt["args"])
+    new.load_state_dict(ckpt["model"])  # strict
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(new.eval()(x)[1], old.eval()(x)[1], rtol=0, atol=0)
-    assert SimCLR.from_args({**args, "proj_out_bn": True, "proj_layers": 3}).projector.scale is not None
+    current = {**ckpt["args"], "proj_out_bn": True, "proj_layers": 3}
+    assert SimCLR.from_args(current).projector.scale is not None
+    with pytest.raises(KeyError):  # from_args itself guesses nothing: every key is required
+        SimCLR.from_args(args)
 
 
 def test_residual_branches_contribute_without_zero_init():

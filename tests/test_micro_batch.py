@@ -38,7 +38,12 @@ def step(model, views, micro_batch, scaler=None, dtype=None, probe=None, seed=1)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     labels = torch.zeros(views.shape[0] // 2, dtype=torch.long)
-    loss = train.train_step(model, views, opt, scaler, dtype, 0.5, False, probe, labels, micro_batch)
+    argv = ["--temperature", "0.5", "--no-channels-last"]
+    if micro_batch:
+        argv += ["--micro-batch", str(micro_batch)]
+    loss, h = train.train_step(model, views, opt, scaler, dtype, train.get_args_parser().parse_args(argv))
+    if probe is not None:  # as train.py's loop feeds its online probe
+        probe.step(h, torch.cat([labels, labels]))
     return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 

@@ -16,6 +16,8 @@ from torchvision.transforms.v2 import functional as TF
 
 import augment as A
 import data
+import train
+from conftest import batch_augment, one_line_exit_2, simclr_transform
 
 PLAIN = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, mean=(0.0,) * 3, std=(1.0,) * 3)  # crop only
 
@@ -118,7 +120,7 @@ def test_crop_boxes_follow_torchvisions_sampler_on_each_original():
     box centre, area and aspect agree in mean (4 standard errors) and in distribution (KS at alpha = 0.001)."""
     per, ref_n = 8000, 4000
     sizes = torch.tensor(SHAPES).repeat(per, 1)  # (5 per, 2), the shapes interleaved
-    p = A.BatchAugment(32).sample_params(len(sizes), sizes[:, 0], sizes[:, 1], torch.Generator().manual_seed(0))
+    p = batch_augment(32).sample_params(len(sizes), sizes[:, 0], sizes[:, 1], torch.Generator().manual_seed(0))
     assert torch.equal(p["sizes"], sizes.float())
     for k, (height, width) in enumerate(SHAPES):
         boxes = p["boxes"][k::len(SHAPES)]  # (per, 4)
@@ -135,7 +137,7 @@ def test_crop_boxes_follow_torchvisions_sampler_on_each_original():
             assert ks_statistic(a, b) < ks_critical(len(a), len(b)), (height, width, name)
     # the test has power: boxes drawn on the stored 40 x 40 square instead of the 200 x 100 original (then mapped
     # back to it) have aspects w/h twice too narrow
-    sq = A.BatchAugment(32).sample_params(per, 40, 40, torch.Generator().manual_seed(1))["boxes"].double()
+    sq = batch_augment(32).sample_params(per, 40, 40, torch.Generator().manual_seed(1))["boxes"].double()
     on_square = sq * torch.tensor([200 / 40, 100 / 40, 200 / 40, 100 / 40], dtype=torch.float64)
     wrong = box_stats(on_square, 200, 100)["aspect"].numpy()
     right = box_stats(torchvision_boxes(200, 100, ref_n), 200, 100)["aspect"].numpy()
@@ -147,7 +149,7 @@ def test_crop_boxes_follow_torchvisions_sampler_on_each_original():
 def test_centre_fallback_clamps_the_ratio_as_torchvision(height, width, ratio):
     """Whole-area crops of an aspect outside `ratio` never fit: every box is torchvision's centre fallback, whose
     ratio is clamped into `ratio` (16:9 -> 4:3 wide, 1:2 -> 3:4, 4:3 -> 0.6)."""
-    ours = A.BatchAugment(32, crop_scale=(1.0, 1.0), crop_ratio=ratio).sample_params(
+    ours = batch_augment(32, crop_scale=(1.0, 1.0), crop_ratio=ratio).sample_params(
         500, torch.tensor([height] * 500), torch.tensor([width] * 500), torch.Generator().manual_seed(0))["boxes"]
     theirs = torchvision_boxes(height, width, 50, scale=(1.0, 1.0), ratio=ratio)
     assert (theirs == theirs[0]).all() and (ours == theirs[0]).all(), (ours[0], theirs[0])
@@ -157,7 +159,7 @@ def test_per_sample_sizes_equal_to_the_tensor_give_the_default_views():
     """sizes = the tensor's own (H, W) draws the same parameters and views as no sizes: bit for bit (the same
     float32 ops on the same values), so square datasets keep their views and resumes."""
     x = TF.pil_to_tensor(photo().resize((48, 48)))[None].repeat(6, 1, 1, 1)
-    aug = A.BatchAugment(32, blur_p=0.5, rotate_p=0.3)
+    aug = batch_augment(32, blur_p=0.5, rotate_p=0.3)
     default = aug(x, torch.Generator().manual_seed(3))
     assert torch.equal(default, aug(x, torch.Generator().manual_seed(3), sizes=torch.tensor([[48, 48]] * 6)))
 
@@ -168,7 +170,7 @@ def test_views_read_the_box_on_a_non_square_original_exactly(tmp_path):
     """The pixels of the original itself (no stored square): each view is torchvision's resized_crop of the box."""
     ds = data.get_dataset("folder", write_photos(tmp_path / "p", [(120, 160), (200, 100), (600, 512)],
                                                  classes=("face",)), "unlabeled")
-    aug = A.BatchAugment(48, **PLAIN)
+    aug = batch_augment(48, **PLAIN)
     for o in originals(ds):
         x = o[None].expand(16, -1, -1, -1).float() / 255
         height, width = o.shape[1:]
@@ -221,7 +223,7 @@ def test_views_from_the_stored_square_match_the_crop_of_the_original(tmp_path):
     shapes = [(60, 80), (80, 40), (45, 80), (80, 60)]  # (H, W): 4:3, 1:2, 16:9, 3:4, each side <= 80
     ds = data.get_dataset("folder", write_photos(tmp_path / "p", shapes, classes=("face",)), "unlabeled")
     images, _, sizes = data.whole_images(ds, 64)
-    aug, n = A.BatchAugment(64, **PLAIN), 32
+    aug, n = batch_augment(64, **PLAIN), 32
     wrong_pixels = []
     for square, (height, width), o in zip(images, sizes.tolist(), originals(ds)):
         enlarged = F.interpolate(o[None].double(), (80, 80), mode="bilinear", align_corners=False)[0]
@@ -250,7 +252,7 @@ def test_views_of_large_photos_read_the_box_from_the_stored_square(tmp_path):
     ds = data.get_dataset("folder", write_photos(tmp_path / "p", [(600, 512), (120, 160), (200, 100)],
                                                  classes=("face",)), "unlabeled")
     images, _, sizes = data.whole_images(ds, 32)
-    aug, n = A.BatchAugment(32, **PLAIN), 32
+    aug, n = batch_augment(32, **PLAIN), 32
     for square, (height, width), o in zip(images, sizes.tolist(), originals(ds)):
         p = aug.sample_params(n, torch.tensor([height] * n), torch.tensor([width] * n), torch.Generator().manual_seed(1))
         ours = aug.apply(square[None].expand(n, -1, -1, -1), p).double()
@@ -268,23 +270,29 @@ def test_views_of_large_photos_read_the_box_from_the_stored_square(tmp_path):
 
 # ------------------------------------------------------------------------------------------- memory check
 
-def test_memory_check_is_one_line_and_comes_before_any_decoding(tmp_path, monkeypatch):
+def test_memory_check_is_one_line_and_comes_before_any_decoding(tmp_path, monkeypatch, capsys):
     assert data.check_fits(1, 10, 600) is None  # 300 bytes: exactly half of what is available
     assert data.check_fits(10 ** 9, 280, None) is None  # available memory unknown: no check
-    with pytest.raises(data.DatasetError) as e:
+    with pytest.raises(data.TooLargeToHold) as e:
         data.check_fits(1, 10, 599)
     msg = str(e.value)
-    assert "\n" not in msg and "--pipeline per-image" in msg and "--image-size" in msg
+    assert "\n" not in msg and "GiB" in msg and "--" not in msg  # data.py names no script's flags
 
-    ds = data.get_dataset("folder", write_photos(tmp_path / "p", [(120, 160), (200, 100)]), "unlabeled")
+    photos = write_photos(tmp_path / "p", [(120, 160), (200, 100)])
+    ds = data.get_dataset("folder", photos, "unlabeled")
     need = 4 * 3 * data.whole_side(32) ** 2  # 4 images of 3 x 40 x 40 bytes
     monkeypatch.setattr(data, "available_memory", lambda: 2 * need - 1)
     monkeypatch.setattr(data, "_load_or_neighbour", lambda *a: pytest.fail("decoded an image"))
     for make in (lambda: data.whole_images(ds, 32),
-                 lambda: data.TwoViewBatches(ds, 2, 0, 1, 0, "cpu", batch_augment=A.BatchAugment(32), image_size=32)):
-        with pytest.raises(data.DatasetError) as e:
+                 lambda: data.TwoViewBatches(ds, 2, 0, 1, 0, "cpu", batch_augment=batch_augment(32), image_size=32)):
+        with pytest.raises(data.TooLargeToHold) as e:
             make()
-        assert "\n" not in str(e.value) and "--pipeline per-image" in str(e.value)
+        assert "\n" not in str(e.value)
+    # train.py turns it into one line that names its flags
+    argv = ["--dataset", "folder", "--data-dir", str(photos), "--image-size", "32", "--batch-size", "2",
+            "--output-dir", str(tmp_path / "run")]
+    err = one_line_exit_2(capsys, lambda: train.main(train.get_args_parser().parse_args(argv)))
+    assert "--pipeline per-image" in err and "--image-size" in err
     assert not (tmp_path / "cache" / "simclr").exists()
     monkeypatch.undo()
     monkeypatch.setattr(data, "available_memory", lambda: 2 * need)  # just enough
@@ -309,7 +317,7 @@ def test_two_view_batches_pass_each_images_original_size(tmp_path):
         rows = [next(j for j in range(len(images)) if torch.equal(images[j], xi)) for xi in x]
         assert torch.equal(s, sizes[rows]) and rows[:3] == rows[3:]
     # with BatchAugment: the views of a resumed epoch are those of an uninterrupted one
-    aug = A.BatchAugment(32)
+    aug = batch_augment(32)
     whole = [v for v, _ in data.TwoViewBatches(ds, 3, 0, 1, 0, "cpu", batch_augment=aug, image_size=32).epoch(0)]
     resumed = [v for v, _ in data.TwoViewBatches(ds, 3, 0, 1, 0, "cpu", batch_augment=aug, image_size=32).epoch(0, 1)]
     assert len(resumed) == 1 and torch.equal(resumed[0], whole[1])
@@ -317,7 +325,7 @@ def test_two_view_batches_pass_each_images_original_size(tmp_path):
 
 def test_preview_of_28px_images_has_tiles_of_at_least_96px(tmp_path):
     imgs = [variant(photo(), 28, 28, lower=i % 2 == 1, flip=False) for i in range(3)]
-    path = A.save_preview(imgs, A.SimCLRTransform(28), tmp_path / "aug.png")
+    path = A.save_preview(imgs, simclr_transform(28), tmp_path / "aug.png")
     with Image.open(path) as png:
         w, h = png.size
         grid = TF.pil_to_tensor(png.convert("RGB"))

@@ -217,6 +217,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(fm, tmp_path):
 
 @pytest.mark.parametrize("case,argv,expect", [
     ("no dataset", ["--random-init"], "pass --dataset"),
+    ("random init without a checkpoint", ["--random-init", "--dataset", "fashion-mnist"], "pass --ckpt"),
     ("max train samples", ["--random-init", "--dataset", "fashion-mnist", "--max-train-samples", "0"],
      "--max-train-samples must be positive"),
     ("knn k", ["--pixels", "--dataset", "fashion-mnist", "--protocol", "knn", "--knn-k", "0"], "--knn-k must be positive"),

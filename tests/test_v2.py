@@ -9,8 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval_linear
+import finetune
 import train
+from augment import View
 from conftest import one_line_exit_2, write_idx
+from evaluation import Labelled
 from model import SimCLR
 
 TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16", "--amp", "off",
@@ -18,16 +21,15 @@ TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", 
 
 
 def tiny_data(n=32, size=16, classes=4, seed=0):
-    """The dict eval_linear's protocols take, on seeded random uint8 images."""
+    """The labelled images finetune.py's steps take, seeded random uint8 images."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
     y = torch.arange(n) % classes
-    return dict(size=size, classes=classes, train_images=images, ytr=y, eval_images=images[:8], yev=y[:8],
-                mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3))
+    return Labelled("tiny", "test", View(size, (0.5,) * 3, (0.25,) * 3), classes, images, y, images[:8], y[:8])
 
 
-def eval_args(*extra):
-    return eval_linear.get_args_parser().parse_args(["--amp", "off", "--batch-size", "8", *extra])
+def ft_args(*extra):
+    return finetune.get_args_parser().parse_args(["--amp", "off", "--batch-size", "8", *extra])
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -41,10 +43,10 @@ def test_finetuning_from_head_layer_k_trains_the_encoder_k_head_layers_and_the_c
         def __init__(self, groups, **kw):
             super().__init__(groups, **kw)
             optimised.extend(p for g in self.param_groups for p in g["params"])
-    monkeypatch.setattr(eval_linear.torch.optim, "SGD", SpySGD)
+    monkeypatch.setattr(finetune.torch.optim, "SGD", SpySGD)
     data = tiny_data()
-    _, _, net = eval_linear.finetune(model, data["train_images"], data["ytr"], data, eval_args(), torch.device("cpu"),
-                                     "test", 0.1, 1, head_layers=k)
+    _, _, net = finetune.finetune(model, k, torch.arange(len(data.train_labels)), data, ft_args(),
+                                  torch.device("cpu"), 1, 0.1)
     assert {id(p) for p in optimised} == {id(p) for p in net.parameters()} and len(optimised) == len(list(net.parameters()))
     # the head's first k layers (linear, BN, ReLU: 3 modules each), none after them
     heads = {n.split(".")[1] for n in net.state_dict() if n.startswith("head.")}
@@ -67,9 +69,9 @@ def test_head_layers_beyond_the_checkpoint_head_is_one_line(tmp_path, capsys):
     train.main(train.get_args_parser().parse_args(TINY + ["--data-dir", data, "--output-dir", str(out),
                                                           "--max-steps", "1"]))
     capsys.readouterr()
-    args = eval_linear.get_args_parser().parse_args(["--ckpt", str(out / "last.pt"), "--protocol", "finetune",
-                                                     "--finetune-head-layers", "2", "--data-dir", data])
-    assert "--finetune-head-layers 2" in one_line_exit_2(capsys, lambda: eval_linear.main(args))
+    args = finetune.get_args_parser().parse_args(["--ckpt", str(out / "last.pt"), "--head-layers", "2",
+                                                  "--data-dir", data])
+    assert "--head-layers 2" in one_line_exit_2(capsys, lambda: finetune.main(args))
 
 
 def test_distillation_loss_is_the_official_formula():
@@ -77,7 +79,7 @@ def test_distillation_loss_is_the_official_formula():
     s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
     for tau in (1.0, 2.0):
         ref = sum(-(F.softmax(t[i] / tau, 0) * F.log_softmax(s[i] / tau, 0)).sum() for i in range(5)) / 5 * tau ** 2
-        torch.testing.assert_close(eval_linear.distill_loss(s, t, tau).double(), ref, rtol=1e-6, atol=1e-6)  # float32
+        torch.testing.assert_close(finetune.distill_loss(s, t, tau).double(), ref, rtol=1e-6, atol=1e-6)  # float32
 
 
 def test_student_converges_to_a_known_linear_teacher():
@@ -88,15 +90,14 @@ def test_student_converges_to_a_known_linear_teacher():
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
     nn.init.normal_(teacher[1].weight, std=1.0)
     student = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
-    args = eval_args("--distill-epochs", "150", "--finetune-crop-scale", "1", "1")
+    args = ft_args("--distill-epochs", "150", "--crop-scale", "1", "1")
 
     def probs(net):
-        x = (data["train_images"].float() / 255 - 0.5) / 0.25
+        x = (data.train_images.float() / 255 - 0.5) / 0.25
         with torch.no_grad():
             return F.softmax(net(x), 1)
     start = (probs(student) - probs(teacher)).abs().max()
-    eval_linear.distill(teacher, student, data["train_images"], torch.arange(0), torch.zeros(0, dtype=torch.long),
-                        data, args, torch.device("cpu"), "test", lr=2.0)
+    finetune.distill(teacher, student, torch.arange(0), data, args, torch.device("cpu"), lr=2.0)
     gap = (probs(student) - probs(teacher)).abs().max()
     assert start > 0.3 and gap < 0.05, (start, gap)
 
@@ -110,13 +111,15 @@ def test_distillation_never_reads_the_labels_of_unlabelled_images(alpha):
         torch.manual_seed(0)
         teacher = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
         student = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
-        y = data["ytr"].clone()
+        y = data.train_labels.clone()
         if scramble:
             rest = torch.ones(32, dtype=torch.bool)
             rest[labelled] = False
             y[rest] = torch.randperm(int(rest.sum()), generator=torch.Generator().manual_seed(1)) % 4
-        eval_linear.distill(teacher, student, data["train_images"], labelled, y[labelled], data,
-                            eval_args("--distill-epochs", "2", "--distill-alpha", alpha), torch.device("cpu"), "t", 0.5)
+        seen = Labelled(data.dataset, data.split, data.view, data.classes, data.train_images, y,
+                        data.eval_images, data.eval_labels)
+        finetune.distill(teacher, student, labelled, seen, ft_args("--distill-epochs", "2", "--distill-alpha", alpha),
+                         torch.device("cpu"), 0.5)
         return student.state_dict()
     a, b = run(False), run(True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -128,24 +131,27 @@ def test_labelled_loss_joins_when_alpha_is_below_one():
     for alpha in ("1.0", "0.5"):
         torch.manual_seed(0)
         teacher, student = nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
-        eval_linear.distill(teacher, student, data["train_images"], torch.arange(8), data["ytr"][:8], data,
-                            eval_args("--distill-epochs", "1", "--distill-alpha", alpha), torch.device("cpu"), "t", 0.5)
+        finetune.distill(teacher, student, torch.arange(8), data,
+                         ft_args("--distill-epochs", "1", "--distill-alpha", alpha), torch.device("cpu"), 0.5)
         results.append(student[1].weight.detach().clone())
     assert not torch.equal(*results)
 
 
 def test_v2_protocols_end_to_end(tmp_path, capsys):
-    """A 3-layer head pretrained for 3 steps; fine-tuned from the encoder and from head layer 1 at two label
-    fractions, distilled, against random init: one table, one JSON line with every number, the saved networks."""
+    """A 3-layer head pretrained for 3 steps; the linear probe, then fine-tuned from the encoder and from head layer 1
+    at two label fractions, distilled, against random init: one table, one JSON line with every number, the saved
+    networks."""
     data = str(write_idx(tmp_path / "fm", n_train=80, n_test=20))
     out = tmp_path / "run"
     train.main(train.get_args_parser().parse_args(TINY + ["--data-dir", data, "--output-dir", str(out),
                                                           "--max-steps", "3", "--proj-layers", "3"]))
     capsys.readouterr()
-    eval_linear.main(eval_linear.get_args_parser().parse_args(
-        ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--amp", "off", "--batch-size", "16",
-         "--protocol", "linear", "finetune", "distill", "--label-fraction", "0.25", "0.5", "--finetune-epochs", "2", "3",
-         "--finetune-head-layers", "0", "1", "--distill-epochs", "1", "--weight-decay", "1e-3", "--save-finetuned"]))
+    common = ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--amp", "off",
+              "--label-fraction", "0.25", "0.5"]
+    eval_linear.main(eval_linear.get_args_parser().parse_args(common + ["--weight-decay", "1e-3"]))
+    finetune.main(finetune.get_args_parser().parse_args(
+        common + ["--batch-size", "16", "--epochs", "2", "3", "--head-layers", "0", "1", "--distill",
+                  "--distill-epochs", "1", "--save-finetuned"]))
     lines = capsys.readouterr().out.strip().splitlines()
     rows = json.loads(lines[-1])["results"]
     stages = [(r["encoder"], r["protocol"], r.get("head_layers"), r["label_fraction"]) for r in rows]

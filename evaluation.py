@@ -1,0 +1,408 @@
+"""What SimCLR's evaluations share (arXiv 2002.05709, section 4 and appendix B): the encoders to
+evaluate, the labelled images with a validation split held out of training, the forward pass of a
+frozen network, kNN, and the results file, table and plots that eval_linear.py and finetune.py
+write."""
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from augment import View
+from data import DATASETS, DatasetError, get_dataset, uint8_images
+from harness import (add_device_flags, autocast, checked, die, figure, load_checkpoint,
+                     load_model_state, positive_int, save_figure, save_json)
+from model import SimCLR
+
+# what a checkpoint's weights depend on: the flags that rebuild its network
+MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim", "proj_layers",
+              "proj_out_bn")
+label_fraction = checked(float, lambda f: 0 < f <= 1, "takes label fractions in (0, 1]")
+SCRIPTS = ("eval_linear", "finetune")  # the scripts whose rows share a results file, in this order
+
+
+def add_common_flags(p):
+    """The flags of both evaluation scripts: which encoders, which images, where the results go."""
+    g = p.add_argument_group("encoders")
+    g.add_argument("--ckpt", nargs="*", default=[],
+                   help="train.py checkpoints (last.pt), one or several")
+    g.add_argument("--random-init", action="store_true",
+                   help="also the first checkpoint's network with random weights: the ablation's "
+                        "baseline")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, choices=list(DATASETS),
+                   help="(default: the checkpoint's; STL-10 trains on its 5k labelled images, "
+                        "tests on its 8k)")
+    g.add_argument("--data-dir", default=None, help="dataset root (default: the checkpoint's)")
+    g.add_argument("--image-size", type=positive_int, default=None,
+                   help="(default: the checkpoint's, else the dataset's)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="let torchvision download a missing dataset (default: %(default)s)")
+    g.add_argument("--max-train-samples", type=positive_int, default=None,
+                   help="N training images drawn at random with --seed, for quick checks (default: "
+                        "all)")
+    g.add_argument("--max-test-samples", type=positive_int, default=None,
+                   help="N test (or validation) images drawn at random with --seed, for quick "
+                        "checks (default: all)")
+    g.add_argument("--eval-on", default="test", choices=("test", "val"),
+                   help="val: hold out --val-fraction of the training split (class-balanced, fixed "
+                        "by --val-seed), train on the rest and report on it; the test split is "
+                        "never read. Choose every hyperparameter on val, then read test once per "
+                        "reported run (default: %(default)s)")
+    g.add_argument("--val-fraction",
+                   type=checked(float, lambda f: 0 < f < 1, "takes a fraction in (0, 1)"),
+                   default=0.1, help="(default: %(default)s)")
+    g.add_argument("--val-seed", type=int, default=0,
+                   help="draws the validation images; fixed, so that every run and seed sees the "
+                        "same (default: %(default)s)")
+    g.add_argument("--label-fraction", nargs="+", type=label_fraction, default=[1.0],
+                   help="class-balanced fractions of the training labels, e.g. 0.01 0.1 1.0 "
+                        "(default: %(default)s)")
+
+    g = p.add_argument_group("run")
+    add_device_flags(g)
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--output-dir", default=None,
+                   help="where results and plots go (default: beside the first checkpoint, else "
+                        "runs/eval)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+# encoders
+@dataclass
+class Encoder:
+    name: str  # "simclr" (or the checkpoint's folder when there are several), "random", "pixels"
+    model: SimCLR  # None for the pixels
+    train_args: dict  # the checkpoint's train.py args, with its train_seconds
+
+
+def load_encoders(args, pixels=False):
+    """Every --ckpt, then with --random-init the first one's network with random weights, then with
+    `pixels` the raw pixels (model None)."""
+    encoders = []
+    for i, path in enumerate(args.ckpt):
+        ckpt = load_checkpoint(path)
+        train_args = dict(ckpt["args"], train_seconds=ckpt.get("train_seconds", 0.0))
+        model = SimCLR.from_args(train_args)
+        load_model_state(model, ckpt, path, MODEL_ARGS)
+        name = "simclr"
+        if len(args.ckpt) > 1:
+            name = os.path.basename(os.path.dirname(os.path.abspath(path))) or str(i)
+        encoders.append(Encoder(name, model, train_args))
+    if args.random_init:
+        if not encoders:
+            die("--random-init takes the architecture of a checkpoint: pass --ckpt PATH too")
+        first = encoders[0].train_args
+        model = random_network(first, args.seed)
+        encoders.append(Encoder("random", model, dict(first, train_seconds=0.0)))
+    if pixels:
+        first = encoders[0].train_args if encoders else {}
+        encoders.append(Encoder("pixels", None, dict(first, arch="pixels", train_seconds=0.0)))
+    if not encoders:
+        die("nothing to evaluate: pass --ckpt PATH (a last.pt of train.py), with --random-init or "
+            "--pixels")
+    return encoders
+
+
+def random_network(train_args, seed):
+    """The checkpoint's network with random weights: torchvision's init, so that every residual
+    branch contributes (zero init of each block's last BN, right for training, would leave every
+    block the identity and the network a stem plus 1x1 convs)."""
+    torch.manual_seed(seed)
+    return SimCLR.from_args(train_args, zero_init_residual=False)
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class Labelled:
+    """The labelled images of an evaluation: uint8 (N, C, H, W) and labels (N,) to train on, and
+    those the results are reported on (the test split, or the validation images held out of the
+    training split)."""
+    dataset: str
+    split: str  # "test" or "val"
+    view: View  # the side and normalisation the networks take
+    classes: int
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    eval_images: torch.Tensor
+    eval_labels: torch.Tensor
+
+
+def load_data(args, train_args, device):
+    """The training images and the images results are reported on: the test split, or with --eval-on
+    val a class-balanced part of the training split held out (then the test split is never
+    opened)."""
+    dataset = args.dataset or train_args["dataset"]
+    data_dir = args.data_dir
+    if data_dir is None and dataset == train_args.get("dataset"):
+        data_dir = train_args.get("data_dir")
+    size = args.image_size or train_args.get("image_size") or DATASETS[dataset]["size"]
+    info = DATASETS[dataset]
+    try:
+        train_set = get_dataset(dataset, data_dir, "train", download=args.download)
+        test_set = None
+        if args.eval_on == "test":
+            test_set = get_dataset(dataset, data_dir, "test", download=args.download)
+    except DatasetError as e:
+        die(str(e))
+    train_images, train_labels = uint8_images(train_set, size)
+    if test_set is None:
+        val = balanced_subset(train_labels, args.val_fraction, args.val_seed)
+        rest = torch.ones(len(train_labels), dtype=torch.bool)
+        rest[val] = False
+        eval_images, eval_labels = train_images[val], train_labels[val]
+        train_images, train_labels = train_images[rest], train_labels[rest]
+    else:
+        eval_images, eval_labels = uint8_images(test_set, size)
+    pick_train = random_subset(len(train_labels), args.max_train_samples, args.seed)
+    pick_eval = random_subset(len(eval_labels), args.max_test_samples, args.seed)
+    classes = info["num_classes"] or int(max(train_labels.max(), eval_labels.max())) + 1
+    return Labelled(dataset, args.eval_on, View(size, info["mean"], info["std"]), classes,
+                    train_images[pick_train], train_labels[pick_train],
+                    eval_images[pick_eval], eval_labels[pick_eval])
+
+
+def random_subset(n, k, seed):
+    """Indices of k of n items drawn with the seed, in their order (all of them when k is None or >=
+    n)."""
+    if k is None or k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def balanced_subset(labels, fraction, seed):
+    """Indices of a class-balanced subset: round(fraction * n_c) (at least 1) images of each class
+    c."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero()[:, 0]
+        k = max(1, round(fraction * len(idx)))
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    return torch.cat(picks).sort().values
+
+
+# ------------------------------------------------------------------------------------------ forward
+# passes
+@torch.no_grad()
+def forward_batches(net, images, view, device, dtype=None, batch_size=512, desc=None):
+    """net's float32 outputs on the host for each batch of uint8 `images` in their evaluation view
+    (no augmentation), under autocast to `dtype` (None: float32)."""
+    batches = range(0, len(images), batch_size)
+    show = None if desc else True  # tqdm: None shows the bar on a terminal only, True hides it
+    for i in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=show):
+        x = view.batch(images[i:i + batch_size].to(device))  # (B, 3, S, S)
+        with autocast(device, dtype):
+            yield net(x.contiguous(memory_format=torch.channels_last)).float().cpu()
+
+
+class Pixels(torch.nn.Module):
+    """The normalised pixels as features, in the image's own channels: (B, 3, S, S) -> (B, C
+    S^2)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        return x[:, :self.channels].flatten(1)
+
+
+def features(encoder, images, view, device, dtype=None, desc="features"):
+    """(N, d) float32 features of a frozen `encoder` (None: the pixels) on uint8 images."""
+    net = Pixels(images.shape[1]) if encoder is None else encoder
+    return torch.cat(list(forward_batches(net, images, view, device, dtype, desc=desc)))
+
+
+def predict(net, images, view, device, dtype=None):
+    """(N, classes) logits of a classifier network in eval mode."""
+    return torch.cat(list(forward_batches(net.eval(), images, view, device, dtype)))
+
+
+@torch.no_grad()
+def fit_bn_statistics(encoder, images, view, device, dtype=None):
+    """BN running statistics of `encoder` as the averages over `images` (no labels, no gradients): a
+    forward pass in train mode with a cumulative moving average (momentum None), then eval mode."""
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    for _ in forward_batches(encoder.train(), images, view, device, dtype):
+        pass
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return encoder.eval()
+
+
+@torch.no_grad()
+def knn_predict(xtr, ytr, xte, classes, k=200, t=0.07, chunk=1024):
+    """Class scores of a weighted kNN (InstDisc): cosine similarity, the k nearest vote with exp(sim
+    / t)."""
+    xtr = F.normalize(xtr, dim=1)
+    xte = F.normalize(xte, dim=1)
+    k = min(k, len(xtr))
+    scores = []
+    for i in range(0, len(xte), chunk):
+        # (b, k) of the (b, N_train) similarities
+        sim, idx = (xte[i:i + chunk] @ xtr.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), classes, device=xte.device)
+        scores.append(votes.scatter_add_(1, ytr[idx], (sim / t).exp()))  # (b, classes)
+    return torch.cat(scores)
+
+
+def topk(logits, y, k):
+    """Top-k accuracy (%) of the logits (N, classes) against labels (N,), to 2 decimals."""
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices.cpu() == y[:, None]).any(dim=1)
+    return round(hits.float().mean().item() * 100, 2)
+
+
+# ------------------------------------------------------------------------------------------ results
+def output_dir(args):
+    if args.output_dir:
+        return args.output_dir
+    if args.ckpt:
+        return os.path.dirname(os.path.abspath(args.ckpt[0]))
+    return os.path.join("runs", "eval")
+
+
+def results_path(out, data):
+    return os.path.join(out, f"eval_{data.dataset}{'_val' if data.split == 'val' else ''}.json")
+
+
+def save_results(out, data, args, rows, script, seconds, train_args, plots=()):
+    """Add this script's rows to OUT/eval_DATASET[_val].json, which keeps the rows of the other
+    evaluation script when they were made on the same checkpoint (make demo runs both). -> the
+    summary it holds."""
+    path = results_path(out, data)
+    ckpt = args.ckpt[0] if args.ckpt else None
+    summary = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("ckpt") != ckpt or summary.get("train_samples") != len(data.train_labels):
+            summary = {}  # another checkpoint's or another run's results: start again
+    kept = [r for r in summary.get("results", []) if r.get("script") != script]
+    rows = kept + [dict(r, script=script) for r in rows]
+    rows.sort(key=lambda r: SCRIPTS.index(r["script"]))  # the frozen-feature protocols first
+    eval_seconds = dict(summary.get("eval_seconds", {}), **{script: round(seconds, 1)})
+    pretrain_seconds = train_args.get("train_seconds", 0.0)
+    summary = {
+        "top1": rows[0]["top1"] if rows else None, "top5": rows[0]["top5"] if rows else None,
+        "ckpt": ckpt, "dataset": data.dataset, "eval_on": data.split,
+        "train_samples": len(data.train_labels), "test_samples": len(data.eval_labels),
+        "image_size": data.view.size,
+    }
+    summary.update(headline(rows))
+    summary.update(results=rows, plots=sorted(set(summary.get("plots", [])) | set(plots)),
+                   pretrain_seconds=round(pretrain_seconds, 1), eval_seconds=eval_seconds,
+                   seconds=round(pretrain_seconds + sum(eval_seconds.values()), 1))
+    save_json(path, summary)
+    return summary, path
+
+
+def headline(rows):
+    """{ENCODER_top1} of the first protocol at all labels (or the first fraction): simclr_top1,
+    random_top1, pixels_top1; and {ENCODER_PROTOCOL_top1} of the other protocols, e.g.
+    random_finetune_top1."""
+    out = {}
+    first = rows[0]["protocol"] if rows else None
+    fractions = [r["label_fraction"] for r in rows]
+    main = 1.0 if 1.0 in fractions else (fractions[0] if fractions else None)
+    for r in rows:
+        if r["label_fraction"] != main:
+            continue
+        if r["protocol"] == first:
+            key = f"{r['encoder']}_top1"
+        else:
+            key = f"{r['encoder']}_{r['protocol']}_top1"
+        out.setdefault(key, r["top1"])
+    return out
+
+
+def stage(r, results, init=False):
+    """A result's name in tables and plots: 'simclr finetune head 1', with the rate where rates
+    differ."""
+    protocol = "init" if init and r["protocol"] == "finetune" else r["protocol"]
+    name = f"{r['encoder']} {protocol}"
+    if r.get("head_layers"):
+        name += f" head {r['head_layers']}"
+    rates = {x.get("lr") for x in results if x["protocol"] == r["protocol"]}
+    if "lr" in r and len(rates) > 1:
+        name += f" lr {r['lr']:g}"
+    return name
+
+
+def print_table(rows, data):
+    if not rows:
+        return
+    head = ("encoder", "protocol", "labels", "top-1 %", "top-5 %")
+    table = []
+    for r in rows:
+        protocol = r["protocol"]
+        if r.get("head_layers"):
+            protocol += f" head {r['head_layers']}"
+        if "lr" in r:
+            protocol += f" lr {r['lr']:g}"
+        table.append((r["encoder"], protocol, f"{r['label_fraction']:g}", f"{r['top1']:.2f}",
+                      f"{r['top5']:.2f}"))
+    widths = [max(len(x[i]) for x in table + [head]) for i in range(5)]
+
+    def line(cells):  # text columns to the left, numbers to the right
+        padded = [v.ljust(w) if i < 3 else v.rjust(w)
+                  for i, (v, w) in enumerate(zip(cells, widths))]
+        return "  ".join(padded)
+    where = "test set"
+    if data.split == "val":
+        where = "validation images (held out of the training split)"
+    print(f"\n{data.dataset} {where}")
+    print(line(head))
+    for cells in table:
+        print(line(cells))
+    print()
+
+
+def plot_label_fractions(rows, out, data):
+    """label_fractions_DATASET.png: accuracy against the fraction of training labels, per encoder
+    and protocol, or None with a single fraction."""
+    fractions = sorted({r["label_fraction"] for r in rows})
+    if len(fractions) < 2:
+        return None
+    fig, (ax,) = figure(1, width=5.5, height=3.8)
+    for key in dict.fromkeys(stage(r, rows) for r in rows):  # in the order they ran
+        same = sorted((r for r in rows if stage(r, rows) == key), key=lambda r: r["label_fraction"])
+        fractions = [r["label_fraction"] for r in same]
+        ax.plot(fractions, [r["top1"] for r in same], marker="o", label=key)
+    ax.set(xscale="log", xlabel="fraction of training labels", ylabel=f"{data.split} top-1 (%)",
+           title=data.dataset)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    suffix = "_val" if data.split == "val" else ""
+    return save_figure(fig, os.path.join(out, f"label_fractions_{data.dataset}{suffix}.png"))
+
+
+def finish(out, data, args, rows, script, t0, train_args, plots=()):
+    """The end of an evaluation script: the table, the results file, and its summary as the last
+    line."""
+    plots = [p for p in plots if p]
+    print_table(rows, data)
+    summary, path = save_results(out, data, args, rows, script, time.time() - t0, train_args, plots)
+    label_plot = plot_label_fractions(summary["results"], out, data)
+    if label_plot and label_plot not in summary["plots"]:
+        summary["plots"].append(label_plot)
+        save_json(path, summary)
+    seconds = summary["eval_seconds"][script]
+    saved = "".join(f", {p}" for p in summary["plots"])
+    print(f"{data.dataset}: pretraining {summary['pretrain_seconds']:.0f} s + {script} "
+          f"{seconds:.0f} s; saved {path}{saved}")
+    print(json.dumps(summary))
+    return summary

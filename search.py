@@ -1,0 +1,207 @@
+"""Recipe search on validation images for a short SimCLR run (arXiv 2002.05709, the paper's
+ablations at CPU scale): pretrain a base recipe and one change at a time, score each by the linear
+probe on images held out of the training split (eval_linear.py --eval-on val; the test split is
+never read), then combine the winning changes.
+
+    make search            # the demo's recipe and its candidates, two runs at a time
+    python search.py --base "--dataset fashion-mnist ..." --out runs/search --jobs 2
+
+Writes OUT/search.md (the table) and OUT/search.json; rerunning the command skips the runs already
+scored.
+
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# One change at a time from the base recipe: (axis, name, train.py flags). Architectures are
+# compared at equal pretraining time (their steps scaled by their measured speed), everything else
+# at equal steps.
+CHANGES = [
+    ("arch", "resnet18 w0.5", ["--arch", "resnet18", "--width", "0.5"]),
+    ("tau", "tau 0.1", ["--temperature", "0.1"]),
+    ("tau", "tau 0.5", ["--temperature", "0.5"]),
+    ("crop", "crop scale 0.08", ["--crop-scale", "0.08", "1"]),
+    ("colour", "colour strength 0.5", ["--jitter-strength", "0.5"]),
+    ("lr", "LARS rate 2.4", ["--lr", "2.4"]),
+    ("lr", "LARS rate 9.6", ["--lr", "9.6"]),
+]
+# steps of each architecture's speed measurement; the first window (compiling) is left out
+CALIBRATION_STEPS = 60
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SimCLR recipe search on validation", add_help=False)
+    p.add_argument("--base", required=True,
+                   help="train.py flags of the base recipe, one string (make search passes the "
+                        "demo's)")
+    p.add_argument("--out", default=os.path.join("runs", "search"), help="(default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at a time, each with cpu_count / jobs threads (default: %(default)s)")
+    p.add_argument("--python", default=sys.executable, help="(default: this interpreter)")
+    return p
+
+
+def main(args):
+    base = shlex.split(args.base)
+    os.makedirs(args.out, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    runner = Runner(args.python, args.out, threads)
+    print(f"search in {args.out}: {args.jobs} runs at a time, {threads} thread(s) each; "
+          f"base: {args.base}")
+
+    # 1. each architecture's speed, alone on the machine, so that they train for equal time
+    steps = int(flag_value(base, "--max-steps")[0])
+    candidates = [("base", "base", [])]
+    for axis, name, change in CHANGES:
+        if all(flag_value(base, f) == flag_value(change, f) for f in flags_of(change)):
+            continue  # the base already has this value
+        if axis == "arch":
+            change = change + equal_time_flags(base, name, change, steps, runner)
+        candidates.append((axis, name, change))
+
+    # 2. the candidates, `jobs` at a time
+    with ThreadPoolExecutor(args.jobs) as pool:
+        scores = dict(zip([c[1] for c in candidates],
+                          pool.map(lambda c: runner.score(c[1], base + c[2]), candidates)))
+
+    # 3. the winners of each axis together
+    best = {}
+    for axis, name, change in candidates[1:]:
+        if scores[name]["top1"] > scores["base"]["top1"] and (
+                axis not in best or scores[name]["top1"] > scores[best[axis][0]]["top1"]):
+            best[axis] = (name, change)
+    if len(best) > 1:
+        combined = [f for _, change in best.values() for f in change]
+        name = " + ".join(n for n, _ in best.values())
+        candidates.append(("combined", name, combined))
+        scores[name] = runner.score(name, base + combined)
+
+    chosen = max(candidates, key=lambda c: scores[c[1]]["top1"])
+    write_table(args, candidates, scores, chosen, runner.rates)
+    return scores
+
+
+def flags_of(tokens):
+    return [t for t in tokens if t.startswith("--")]
+
+
+def flag_value(tokens, flag):
+    """The values after the last `flag` in a train.py argument list (argparse keeps the last), or
+    None."""
+    if flag not in tokens:
+        return None
+    i = len(tokens) - 1 - tokens[::-1].index(flag)
+    values = []
+    for t in tokens[i + 1:]:
+        if t.startswith("--"):
+            break
+        values.append(t)
+    return values
+
+
+def equal_time_flags(base, name, change, steps, runner):
+    """--max-steps that give the candidate architecture the base's pretraining time; --epochs and
+    --warmup-epochs scaled so that the run can hold the steps and warms up for the same share of
+    them."""
+    base_rate = runner.rate("calibrate base", base)
+    rate = runner.rate("calibrate " + name, base + change)
+    new_steps = round(steps * rate / base_rate)
+    epochs = int(flag_value(base, "--epochs")[0])
+    warmup = float(flag_value(base, "--warmup-epochs")[0])
+    # the base's epochs hold its steps, so these hold new_steps
+    factor = math.ceil(new_steps / steps)
+    return ["--max-steps", str(new_steps), "--epochs", str(epochs * factor),
+            "--warmup-epochs", f"{warmup * factor:g}"]
+
+
+class Runner:
+    """Runs train.py and eval_linear.py in fresh processes, each with its own folder and log under
+    `out`."""
+
+    def __init__(self, python, out, threads):
+        self.python = python
+        self.out = out
+        self.threads = threads
+        self.rates = {}
+
+    def folder(self, name):
+        return os.path.join(self.out, name.replace(" ", "_").replace("+", "and"))
+
+    def run(self, name, script, argv, threads):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+        os.makedirs(self.folder(name), exist_ok=True)
+        with open(os.path.join(self.folder(name), "search.log"), "a") as log:
+            log.write(f"$ {script} {shlex.join(argv)}\n")
+            log.flush()
+            done = subprocess.run([self.python, os.path.join(HERE, script), *argv], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"error: {name}: {script} failed (exit {done.returncode}); see "
+                             f"{os.path.join(self.folder(name), 'search.log')}")
+
+    def rate(self, name, argv):
+        """Median img/s of train.py's logged windows over CALIBRATION_STEPS steps, with every
+        thread."""
+        metrics = os.path.join(self.folder(name), "metrics.jsonl")
+        if not os.path.exists(metrics):
+            short = ["--max-steps", str(CALIBRATION_STEPS), "--log-every", "10",
+                     "--output-dir", self.folder(name)]
+            self.run(name, "train.py", argv + short, os.cpu_count() or 1)
+        rows = [json.loads(line) for line in open(metrics) if '"img_s"' in line]
+        self.rates[name] = statistics.median(r["img_s"] for r in rows[1:])
+        print(f"{name}: {self.rates[name]:.0f} img/s", flush=True)
+        return self.rates[name]
+
+    def score(self, name, argv):
+        """Validation top-1 of the linear probe on the run's encoder, and its pretraining
+        seconds."""
+        folder = self.folder(name)
+        dataset = flag_value(argv, "--dataset")[0]
+        result = os.path.join(folder, f"eval_{dataset}_val.json")
+        if not os.path.exists(result):
+            t0 = time.time()
+            self.run(name, "train.py", argv + ["--output-dir", folder], self.threads)
+            probe = ["--ckpt", os.path.join(folder, "last.pt"), "--eval-on", "val"]
+            self.run(name, "eval_linear.py", probe, self.threads)
+            print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
+        with open(result) as f:
+            summary = json.load(f)
+        print(f"{name}: validation top-1 {summary['simclr_top1']:.2f}", flush=True)
+        return {"top1": summary["simclr_top1"], "pretrain_seconds": summary["pretrain_seconds"]}
+
+
+def write_table(args, candidates, scores, chosen, rates):
+    base_top1 = scores["base"]["top1"]
+    lines = [f"Base recipe: `{args.base}`", "",
+             "| run | change | validation top-1 | vs base | pretraining s |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for _, name, change in candidates:
+        s = scores[name]
+        gain = s["top1"] - base_top1
+        lines.append(f"| {name} | `{shlex.join(change)}` | {s['top1']:.2f} | {gain:+.2f} | "
+                     f"{s['pretrain_seconds']:.0f} |")
+    lines += ["", f"Chosen: **{chosen[1]}** (`{shlex.join(chosen[2])}`)."]
+    if rates:
+        speeds = ", ".join(f"{k.removeprefix('calibrate ')} {v:.0f}" for k, v in rates.items())
+        lines.append(f"Speed of each architecture (img/s, all threads): {speeds}.")
+    with open(os.path.join(args.out, "search.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "search.json"), "w") as f:
+        json.dump({"base": args.base, "scores": scores, "rates": rates,
+                   "candidates": [{"axis": a, "name": n, "change": c} for a, n, c in candidates],
+                   "chosen": chosen[1]}, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
