@@ -142,16 +142,17 @@ def finetune_protocol(name, model, train_args, data, args, device, out):
 
 
 def finetune(model, head_layers, labelled, data, args, device, epochs, lr):
-    """Fine-tune a copy of the encoder and of the head's first `head_layers` layers under a new linear
-    classifier, on the training images `labelled` (indices) and their labels.
-    -> ({epoch: top-1}, logits of the evaluation images, the fine-tuned network)"""
+    """Fine-tune a copy of the encoder and of the head's first `head_layers` layers under a new
+    linear classifier, on the training images `labelled` (indices) and their labels. -> ({epoch:
+    top-1}, logits of the evaluation images, the fine-tuned network)"""
     torch.manual_seed(args.seed)  # the classifier's init
     net = supervised_net(model, head_layers, data.classes)
     labels = data.train_labels[labelled].to(device)
 
     def loss_fn(logits, idx, x):
         return F.cross_entropy(logits, labels[idx])
-    curve, logits = train_net(net, data.train_images[labelled], loss_fn, data, args, device, epochs, lr)
+    images = data.train_images[labelled]
+    curve, logits = train_net(net, images, loss_fn, data, args, device, epochs, lr)
     return curve, logits, net
 
 

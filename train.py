@@ -229,8 +229,9 @@ def main(args):
 
 def train(args, rank, world, device):
     resolve_args(args, world)
+    # each rank its own seed: its own draws; DDP copies rank 0's weights to every rank at the start
     seed_all(args.seed + rank)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick kernels
     base = pretraining_data(args, world)
     make_writable_dir(args.output_dir, f"--output-dir {args.output_dir}",
                       "pass a folder you can write to")
@@ -242,23 +243,28 @@ def train(args, rank, world, device):
         die(f"--batch-size {args.batch_size} is larger than the {len(base)} images of "
             f"{args.dataset} {args.split}: with drop_last nothing would train; use at most "
             f"{len(base)}")
+    # the two augmented views of each image of a batch (appendix A), made on the device by default
     views = build_views(base, args, rank, world, device)
 
+    # the schedule is a pure function of the step, so a resumed run takes the same rates; it spans
+    # the run that happens: a run cut by --max-steps gets a proportionally shorter warmup
     total_steps = min(args.epochs * views.steps_per_epoch, args.max_steps or math.inf)
-    # the schedule spans the run that happens: a run cut by --max-steps gets a proportionally
-    # shorter warmup
     warmup_steps = min(total_steps, round(args.warmup_epochs * total_steps / args.epochs))
-    peak_lr = args.lr * args.batch_size / 256  # linear scaling rule, on the global batch
+    # the linear scaling rule, on the global batch: 0.3 x 4096 / 256 = 4.8 is the paper's peak
+    peak_lr = args.lr * args.batch_size / 256
     schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+
+    # encoder f and projection head g; LARS, because large batches need a step size per layer
     model = build_model(args, world, device)
     optimizer = build_optimizer(model, args, peak_lr)
     dtype = amp_dtype(args.amp, device)
-    # only fp16 needs scaling
+    # only fp16 needs loss scaling: bf16 has float32's exponent range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     run = Run(args, rank, world, device, dtype, model, optimizer, scaler, views.steps_per_epoch)
     if args.probe:
         run.probe, run.knn = build_monitors(args, base, model, rank, device)
 
+    # a rerun of the same command continues where the last checkpoint stopped
     step = run.resume()
     if rank == 0:
         print(json.dumps({"args": vars(args), "git": git_sha(), "world_size": world}), flush=True)
@@ -424,7 +430,7 @@ def loop(run, net, views, schedule, step, total_steps):
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
             loss, h = train_step(net, x, run.optimizer, run.scaler, run.dtype, args)
-            if run.probe is not None:
+            if run.probe is not None:  # a linear classifier on the detached h of both views
                 run.probe.step(h, torch.cat([y, y]))
             window.append(loss)
             step += 1
@@ -453,7 +459,7 @@ def loop(run, net, views, schedule, step, total_steps):
             steps_due = args.save_every and step % args.save_every == 0
             saving = epoch_due or steps_due or stopping
             if saving:
-                run.check_finite(window, step)
+                run.check_finite(window, step)  # never save a diverged model over a good one
                 run.save(step)
             if end_of_epoch:
                 if run.knn is not None and (epoch + 1) % args.knn_every == 0:
@@ -493,13 +499,15 @@ def train_step(net, views, optimizer, scaler, dtype, args):
     # The official objective is loss_a + loss_b, twice this mean over the 2n anchors
     # (google-research/simclr, objective.py): LARS's weight steps see it through g + wd w, and
     # biases and BN take the official step.
+    # --micro-batch: the whole batch's gradients with a micro-batch's memory (gradient caching)
     if args.micro_batch and args.micro_batch < n:
         loss, h = cached_backward(net, views, scaler, dtype, args.temperature, args.micro_batch,
                                   memory_format)
     else:
+        # both views in one forward pass, so that BN normalises over the 2n views of the batch
         with autocast(views.device, dtype):
-            # (2n, feat_dim), (2n, proj_dim)
-            h, z = net(views.contiguous(memory_format=memory_format))
+            h, z = net(views.contiguous(memory_format=memory_format))  # (2n, d), (2n, proj_dim)
+        # each view must find its partner among the 2n - 1 others (float32 inside nt_xent)
         loss = nt_xent(z[:n], z[n:], args.temperature)
         scaler.scale(2 * loss).backward()
     scaler.step(optimizer)  # unscales first: LARS sees the true gradients
