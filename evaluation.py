@@ -83,8 +83,9 @@ class Encoder:
 
 
 def load_encoders(args, pixels=False):
-    """Every --ckpt, then with --random-init the first one's network with random weights, then with
-    `pixels` the raw pixels (model None)."""
+    """Every --ckpt, then with --random-init the first one's network with random weights as its
+    pretraining started (eval_linear.py chooses among other random networks too), then with `pixels`
+    the raw pixels (model None)."""
     encoders = []
     for i, path in enumerate(args.ckpt):
         ckpt = load_checkpoint(path)
@@ -110,12 +111,12 @@ def load_encoders(args, pixels=False):
     return encoders
 
 
-def random_network(train_args, seed):
-    """The checkpoint's network with random weights: torchvision's init, so that every residual
-    branch contributes (zero init of each block's last BN, right for training, would leave every
-    block the identity and the network a stem plus 1x1 convs)."""
+def random_network(train_args, seed, zero_init_residual=True):
+    """The checkpoint's network with random weights. zero_init_residual: each block's last BN starts
+    at zero, as pretraining starts (official init_zero); False: every residual branch
+    contributes."""
     torch.manual_seed(seed)
-    return SimCLR.from_args(train_args, zero_init_residual=False)
+    return SimCLR.from_args(train_args, zero_init_residual=zero_init_residual)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -229,17 +230,38 @@ def predict(net, images, view, device, dtype=None):
 
 @torch.no_grad()
 def fit_bn_statistics(encoder, images, view, device, dtype=None):
-    """BN running statistics of `encoder` as the averages over `images` (no labels, no gradients): a
-    forward pass in train mode with a cumulative moving average (momentum None), then eval mode."""
+    """Set each BN's running statistics to the mean and (unbiased) variance of its inputs over all
+    `images`, in one forward pass in train mode (each batch normalised with its own statistics, as
+    in training; no labels, no gradients), then eval mode. Exact over batches of any size: each
+    batch's statistics are pooled in float64 (Chan et al.), not averaged as BN's momentum would."""
     bns = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    for _ in forward_batches(encoder.train(), images, view, device, dtype):
-        pass
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
+    pooled = {}  # bn -> [count, mean (C,), sum of squared deviations (C,)]
+
+    def record(bn, inputs):
+        x = inputs[0].float()  # (B, C, ...)
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x, dims, unbiased=False)  # (C,) each, of this batch
+        n = x.numel() // x.shape[1]
+        if bn not in pooled:
+            pooled[bn] = [n, mean.double(), var.double() * n]
+            return
+        count, total_mean, m2 = pooled[bn]
+        delta = mean.double() - total_mean
+        both = count + n
+        total_mean = total_mean + delta * n / both
+        m2 = m2 + var.double() * n + delta ** 2 * count * n / both
+        pooled[bn] = [both, total_mean, m2]
+
+    hooks = [bn.register_forward_pre_hook(record) for bn in bns]
+    try:
+        for _ in forward_batches(encoder.train(), images, view, device, dtype):
+            pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for bn, (count, mean, m2) in pooled.items():
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(m2 / (count - 1))  # unbiased, as BN keeps it
     return encoder.eval()
 
 
@@ -348,12 +370,15 @@ def print_table(rows, data):
     head = ("encoder", "protocol", "labels", "top-1 %", "top-5 %")
     table = []
     for r in rows:
+        encoder = r["encoder"]
+        if r.get("variant"):  # which random network was reported
+            encoder += f" ({r['variant']})"
         protocol = r["protocol"]
         if r.get("head_layers"):
             protocol += f" head {r['head_layers']}"
         if "lr" in r:
             protocol += f" lr {r['lr']:g}"
-        table.append((r["encoder"], protocol, f"{r['label_fraction']:g}", f"{r['top1']:.2f}",
+        table.append((encoder, protocol, f"{r['label_fraction']:g}", f"{r['top1']:.2f}",
                       f"{r['top5']:.2f}"))
     widths = [max(len(x[i]) for x in table + [head]) for i in range(5)]
 

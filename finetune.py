@@ -94,12 +94,9 @@ def main(args):
     make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")
     first = encoders[0].train_args
     data = ev.load_data(args, first, device)
-    dtype = amp_dtype(args.amp, device)
     rows = []
-    for enc in encoders:
+    for enc in encoders:  # the random network starts as pretraining does: training from scratch
         model = enc.model.to(device, memory_format=torch.channels_last)
-        if enc.name == "random":  # its evaluations along the way start from statistics of the data
-            ev.fit_bn_statistics(model.encoder, data.train_images, data.view, device, dtype)
         rows += finetune_protocol(enc.name, model, enc.train_args, data, args, device, out)
     plot = plot_ablation(rows, out, data)
     return ev.finish(out, data, args, rows, "finetune", t0, first, plots=[plot])
@@ -129,7 +126,6 @@ def finetune_protocol(name, model, train_args, data, args, device, out):
         if args.distill and not scratch:
             net, k, lr, teacher_top1 = teacher
             t1 = time.time()
-            torch.manual_seed(args.seed)  # the student's classifier
             student = supervised_net(model, k, data.classes)  # from the pretrained weights
             curve, logits = distill(net, student, labelled, data, args, device, lr)
             rows.append(result_row(name, "distill", fraction, curve, logits, data, t1, lr=lr,
@@ -145,7 +141,6 @@ def finetune(model, head_layers, labelled, data, args, device, epochs, lr):
     """Fine-tune a copy of the encoder and of the head's first `head_layers` layers under a new
     linear classifier, on the training images `labelled` (indices) and their labels. -> ({epoch:
     top-1}, logits of the evaluation images, the fine-tuned network)"""
-    torch.manual_seed(args.seed)  # the classifier's init
     net = supervised_net(model, head_layers, data.classes)
     labels = data.train_labels[labelled].to(device)
 
@@ -159,9 +154,12 @@ def finetune(model, head_layers, labelled, data, args, device, epochs, lr):
 def supervised_net(model, head_layers, classes):
     """A copy of the encoder and of the head's first `head_layers` layers, under a new linear
     classifier: the network that fine-tuning and distillation train (SimCLRv2 keeps one layer of its
-    head; 0 keeps none)."""
+    head; 0 keeps none). The classifier starts at zero, as in every fine-tuning command of the
+    official code (zero_init_logits_layer=True)."""
     head = model.projector.first_layers(head_layers)
     classifier = nn.Linear(model.projector.dims[head_layers], classes)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
     return nn.Sequential(OrderedDict(encoder=copy.deepcopy(model.encoder), head=copy.deepcopy(head),
                                      classifier=classifier))
 

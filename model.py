@@ -17,8 +17,12 @@ def small_stem(image_size):
 
 
 def _init_conv(conv):
-    # torchvision's ResNet init
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    """The official code's conv init (TF's variance_scaling_initializer): a normal of std
+    sqrt(1 / fan_in) truncated at two standard deviations (0.8796: the std of a unit normal
+    truncated so)."""
+    fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
+    nn.init.trunc_normal_(conv.weight, std=std, a=-2 * std, b=2 * std)
     return conv
 
 
@@ -56,6 +60,10 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1,
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
+    # torchvision initialises convs with kaiming_normal_ (fan_out): the official init instead
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            _init_conv(m)
     if cifar_stem:  # small images: 3x3 conv and no max-pool (paper, appendix B.9)
         stem = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         net.conv1 = _init_conv(stem)
@@ -91,6 +99,11 @@ class ProjectionHead(nn.Module):
         if out_bn:
             mods.append(nn.BatchNorm1d(proj_dim, affine=False))
         self.net = nn.Sequential(*mods)
+        for m in self.net:
+            if isinstance(m, nn.Linear):  # the official linear_layer's init: N(0, 0.01), bias 0
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         # the output BN's gamma (no beta)
         self.scale = nn.Parameter(torch.ones(proj_dim)) if out_bn else None
         self.dims = dims  # dims[k]: the width after k layers

@@ -403,10 +403,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def lr_at(step, peak_lr, warmup_steps, total_steps):
-    """Learning rate of optimiser step `step` (0-based): linear warmup to peak_lr, then cosine decay
-    to 0."""
+    """Learning rate of optimiser step `step` (0-based): linear warmup from 0 to peak_lr, as the
+    official code's (step / warmup_steps x peak), then cosine decay to 0."""
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

@@ -210,24 +210,72 @@ RESNET50 = dict(arch="resnet50", width=0.25, cifar_stem=True, stem_stride=1, pro
                 proj_out_bn=True, dataset="fashion-mnist", image_size=28)
 
 
+def test_fitted_bn_statistics_are_those_of_every_bn_input_over_all_images(tmp_path):
+    """The fitted random baseline: every BN of the network normalises with the mean and variance of its inputs
+    over all the training images, here 1100 of them in 3 batches of unequal size (512, 512, 76): BN's own
+    cumulative average would weigh the small batch like the others, and miss the spread between batches."""
+    data = str(write_idx(tmp_path / "fm", n_train=1100, n_test=20))
+    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir", data])
+    d = evaluation.load_data(args, RESNET50, torch.device("cpu"))
+    model = evaluation.random_network(RESNET50, seed=0, zero_init_residual=False)
+    enc = evaluation.fit_bn_statistics(model.encoder, d.train_images, d.view, torch.device("cpu"), None)
+    bns = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 53
+    # the reference: the same pass in train mode, every BN's inputs kept, statistics over all of them in float64
+    ref = evaluation.random_network(RESNET50, seed=0, zero_init_residual=False).encoder
+    inputs = {i: [] for i in range(len(bns))}
+    ref_bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for i, bn in enumerate(ref_bns):
+        bn.register_forward_pre_hook(lambda m, x, i=i: inputs[i].append(x[0].double().transpose(0, 1).flatten(1)))
+    with torch.no_grad():
+        for k in range(0, 1100, 512):
+            ref.train()(d.view.batch(d.train_images[k:k + 512]).contiguous(memory_format=torch.channels_last))
+    for i, bn in enumerate(bns):
+        x = torch.cat(inputs[i], dim=1)  # (C, all pixels of all images)
+        # per-batch float32 statistics pooled in float64: ~1e-6 relative; 1e-4 leaves room for other
+        # summation orders of the convolutions between the two passes
+        torch.testing.assert_close(bn.running_mean.double(), x.mean(1), rtol=1e-4, atol=1e-5, msg=str(i))
+        torch.testing.assert_close(bn.running_var.double(), x.var(1), rtol=1e-4, atol=1e-5, msg=str(i))
+    assert not enc.training
+
+
 def test_random_init_baseline_has_working_branches_and_estimated_bn_statistics(tmp_path):
-    """The fair baseline: every residual branch outputs something, and every BN normalises with statistics of the
-    training images (estimated without labels or gradients), not the fresh mean 0 / variance 1."""
+    """The 'all branches' random networks: every residual branch outputs something (zero init leaves each block
+    the identity), and with fitted BN no BN keeps the fresh variance 1."""
     data = str(write_idx(tmp_path / "fm", n_train=60, n_test=20))
     args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir", data])
-    model = evaluation.random_network(RESNET50, seed=0)
+    model = evaluation.random_network(RESNET50, seed=0, zero_init_residual=False)
     d = evaluation.load_data(args, RESNET50, torch.device("cpu"))
     enc = evaluation.fit_bn_statistics(model.encoder, d.train_images, d.view, torch.device("cpu"), None)
-    outputs, inputs = [], {}
+    outputs = []
     for block in (b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer):
         block.bn3.register_forward_hook(lambda m, i, o: outputs.append(o.abs().max().item()))
-    enc.bn1.register_forward_hook(lambda m, i, o: inputs.update(x=i[0]))
     with torch.no_grad():
         enc(d.view.batch(d.train_images))
     assert len(outputs) == 16 and min(outputs) > 0
-    bn = enc.bn1  # its statistics are those of its inputs over the training images
-    x = inputs["x"].transpose(0, 1).flatten(1)  # (C, N H W)
-    # float32 sums over 60 x 28 x 28 values per channel in another order than BN's kernel: ~1e-6 relative
-    torch.testing.assert_close(bn.running_mean, x.mean(1), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.running_var, x.var(1), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    bns = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not any(torch.allclose(bn.running_var, torch.ones_like(bn.running_var)) for bn in bns)
+
+
+def test_the_reported_random_network_is_the_best_variant_on_held_out_training_images(pretrained, capsys,
+                                                                                      monkeypatch):
+    """eval_linear.py --random-init scores each random variant by a probe fitted on 80% of a sample of training
+    images and scored on the other 20%, never on the evaluation images, and reports the best by name."""
+    data, out = pretrained
+    seen = []
+    real = eval_linear.linear_probe
+
+    def spy(xtr, ytr, xte, *a, **k):
+        seen.append(len(xte))
+        return real(xtr, ytr, xte, *a, **k)
+    monkeypatch.setattr(eval_linear, "linear_probe", spy)
+    capsys.readouterr()
+    result = eval_linear.main(eval_linear.get_args_parser().parse_args(
+        ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--amp", "off"]))
+    random_row = next(r for r in result["results"] if r["encoder"] == "random")
+    scores = random_row["variant_scores"]
+    assert set(scores) == set(eval_linear.RANDOM_VARIANTS)
+    assert random_row["variant"] == max(scores, key=scores.get)
+    assert result["random_top1"] == random_row["top1"]
+    assert seen[1:5] == [12] * 4  # the four variants scored on 20% of the 60 training images, not the 20 test
+    assert any(random_row["variant"] in line for line in capsys.readouterr().out.splitlines())  # the table

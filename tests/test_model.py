@@ -72,3 +72,23 @@ def test_projection_head_dims():
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown arch"):
         SimCLR("vgg11")
+
+
+def test_conv_and_head_init_follow_the_official_code():
+    """Every conv as TF's variance_scaling_initializer (google-research/simclr resnet.py): a normal truncated at
+    two of its standard deviations, whose std is then sqrt(1 / fan_in) (torchvision's kaiming fan_out gives
+    sqrt(2 / fan_out), 41% more for a square 3x3 conv); the head's dense layers N(0, 0.01) (model_util.py)."""
+    m = SimCLR("resnet50", cifar_stem=True, width=0.5)
+    convs = [c for c in m.encoder.modules() if isinstance(c, nn.Conv2d)]
+    checked = 0
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        w = conv.weight.detach()
+        assert w.abs().max() <= 2 * (1 / fan_in) ** 0.5 / 0.87962566 + 1e-6  # truncated at 2 sigma
+        if w.numel() >= 10000:  # the sample std is then within ~0.7% (1 / sqrt(2n)) of the true one: 5% is 7 sigma
+            assert w.std().item() == pytest.approx((1 / fan_in) ** 0.5, rel=0.05)
+            checked += 1
+    assert checked >= 40
+    for layer in (x for x in m.projector.net if isinstance(x, nn.Linear)):
+        # 1024 x 1024 and 1024 x 128 samples: the sample std within 0.1%-0.2%; 2% leaves room
+        assert layer.weight.std().item() == pytest.approx(0.01, rel=0.02)

@@ -38,7 +38,7 @@ def test_lars_matches_the_official_update_with_warmup_momentum_and_weight_decay(
     b = nn.Parameter(torch.randn(8, generator=gen, dtype=torch.float64))
     opt = train.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
                      weight_decay=0.1, eta=0.001)
-    lrs = [train.lr_at(s, 2.0, 3, 5) for s in range(5)]  # 0.67, 1.33, 2.0, then cosine
+    lrs = [train.lr_at(s, 2.0, 3, 5) for s in range(5)]  # 0, 0.67, 1.33, then 2.0 and cosine
     grads = [[torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64)]
              for _ in range(5)]
     ref = official_lars([w, b], grads, lrs, 0.9, 0.1, 0.001, adapt=[True, False])

@@ -53,6 +53,8 @@ def test_finetuning_from_head_layer_k_trains_the_encoder_k_head_layers_and_the_c
     assert heads == {str(i) for i in range(3 * k) if i % 3 != 2}  # ReLUs hold no state
     assert {n.split(".")[0] for n in net.state_dict()} == {"encoder", "classifier"} | ({"head"} if k else set())
     assert net.classifier.in_features == model.projector.dims[k]
+    fresh = finetune.supervised_net(model, k, 4).classifier  # official zero_init_logits_layer
+    assert not fresh.weight.any() and not fresh.bias.any()
     kept = [p for p in model.projector.net[:3 * k].parameters()]
     assert all(any(q.shape == p.shape for q in net.head.parameters()) for p in kept)
     # the pretrained model is left as it was (fine-tuning trains copies)
@@ -74,12 +76,25 @@ def test_head_layers_beyond_the_checkpoint_head_is_one_line(tmp_path, capsys):
     assert "--head-layers 2" in one_line_exit_2(capsys, lambda: finetune.main(args))
 
 
-def test_distillation_loss_is_the_official_formula():
+def test_distillation_loss_is_the_colabs_formula():
+    """tau^2 x the cross-entropy of softmax(student / tau) to softmax(teacher / tau), written out in plain Python
+    floats from exp and log: the cross-entropy is the KL divergence plus the teacher's entropy."""
     torch.manual_seed(0)
     s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+
+    def softmax(row, tau):
+        e = [math.exp(v / tau) for v in row]
+        return [v / sum(e) for v in e]
     for tau in (1.0, 2.0):
-        ref = sum(-(F.softmax(t[i] / tau, 0) * F.log_softmax(s[i] / tau, 0)).sum() for i in range(5)) / 5 * tau ** 2
-        torch.testing.assert_close(finetune.distill_loss(s, t, tau).double(), ref, rtol=1e-6, atol=1e-6)  # float32
+        total = 0.0
+        for srow, trow in zip(s.tolist(), t.tolist()):
+            p, q = softmax(trow, tau), softmax(srow, tau)
+            kl = sum(pj * math.log(pj / qj) for pj, qj in zip(p, q))
+            entropy = -sum(pj * math.log(pj) for pj in p)
+            total += kl + entropy
+        ref = total / 5 * tau ** 2
+        # distill_loss computes in float32: ~1e-7 relative per term over 7 classes -> 1e-6
+        assert finetune.distill_loss(s, t, tau).item() == pytest.approx(ref, rel=1e-6)
 
 
 def test_student_converges_to_a_known_linear_teacher():
