@@ -2,14 +2,18 @@
 L2-regularised logistic regression whose weight decay is chosen on held-out training images, and
 kNN; beside the same network with random weights and the raw pixels."""
 import argparse
+import os
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import evaluation as ev
-from harness import (Parser, amp_dtype, at_least, check_device, die, make_writable_dir,
-                     positive_float, positive_int)
+from augment import enlarge
+from harness import (Parser, amp_dtype, at_least, check_device, die, figure, make_writable_dir,
+                     positive_float, positive_int, save_figure)
 
 WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
 PATH_ITERS = 50  # L-BFGS iterations per weight decay while choosing it (a warm-started path)
@@ -33,12 +37,19 @@ def get_args_parser():
     g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn"),
                    help="linear: logistic regression on frozen features; knn: k nearest neighbours "
                         "(cosine, temperature-weighted votes) (default: %(default)s)")
+    g.add_argument("--head-layers", nargs="+", type=at_least(0), default=[0],
+                   help="the checkpoints' features after K layers of the projection head: 0 is the "
+                        "encoder's h (the paper's choice), the head's depth its output z; several "
+                        "values are each evaluated (default: %(default)s)")
     g.add_argument("--weight-decay", nargs="+", type=at_least(0, float), default=WEIGHT_DECAYS,
                    help="linear: L2 penalties to choose from on 10%% of the training images held "
                         "out; one value skips the choice (default: 1e-6 ... 1e-2)")
     g.add_argument("--knn-k", type=positive_int, default=200, help="(default: %(default)s)")
     g.add_argument("--knn-t", type=positive_float, default=0.07,
                    help="vote temperature (default: %(default)s)")
+    g.add_argument("--neighbours", type=at_least(0), default=8,
+                   help="queries of neighbours_DATASET.png, each with its 8 nearest training "
+                        "images by every encoder's features; 0: no picture (default: %(default)s)")
     return p
 
 
@@ -50,22 +61,50 @@ def main(args):
     if not args.ckpt and args.dataset is None:
         die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
     encoders = ev.load_encoders(args, pixels=args.pixels)
+    for enc in encoders:
+        layers = len(enc.model.projector.dims) - 1 if enc.model is not None else 0
+        if enc.name not in ("random", "pixels") and max(args.head_layers) > layers:
+            die(f"--head-layers {max(args.head_layers)}: the projection head of {args.ckpt[0]} has "
+                f"{layers} layers: use 0 (h) to {layers} (z)")
     out = ev.output_dir(args)
     # now, not after the work
     make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")
     first = encoders[0].train_args
     data = ev.load_data(args, first, device)
     rows = []
+    # encoder name -> (train features, evaluation features) for the neighbours picture
+    pictured = {}
     for enc in encoders:
-        model = enc.model
-        chosen = {}
-        if enc.name == "random":
-            model, chosen = strongest_random(enc.train_args, data, args, device, dtype)
-        elif model is not None:
-            model = model.to(device, memory_format=torch.channels_last)
-        for row in frozen_protocols(enc.name, model, data, args, device, dtype):
-            rows.append(dict(row, **chosen))
-    return ev.finish(out, data, args, rows, "eval_linear", t0, first)
+        extra = {}
+        depths = args.head_layers
+        if enc.name == "random":  # the random networks are judged by their h only
+            model, extra = strongest_random(enc.train_args, data, args, device, dtype)
+            depths = [0]
+        elif enc.model is not None:
+            model = enc.model.to(device, memory_format=torch.channels_last)
+        else:
+            model, depths = None, [0]
+        for k in depths:
+            net = None if model is None else frozen_net(model, k)
+            train, held = frozen_features(enc.name, net, data, device, dtype)
+            if enc.name not in pictured:
+                pictured[enc.name] = (train, held)
+            if k:
+                extra = dict(extra, head_layers=k)
+            for row in frozen_protocols(enc.name, train, held, data, args, device):
+                rows.append(dict(row, **extra))
+    picture = neighbours_picture(pictured, data, out, args.neighbours, args.seed)
+    return ev.finish(out, data, args, rows, "eval_linear", t0, first, plots=[picture])
+
+
+def frozen_net(model, k):
+    """The network whose outputs are judged: the encoder (k = 0, the features h), then the head's
+    first k layers, or the whole head (k = its depth: the projection z the loss sees)."""
+    if k == 0:
+        return model.encoder
+    if k == len(model.projector.dims) - 1:
+        return nn.Sequential(model.encoder, model.projector)
+    return nn.Sequential(model.encoder, model.projector.first_layers(k))
 
 
 def strongest_random(train_args, data, args, device, dtype):
@@ -100,25 +139,28 @@ def strongest_random(train_args, data, args, device, dtype):
     return model, {"variant": variant, "variant_scores": scores}
 
 
-def frozen_protocols(name, model, data, args, device, dtype):
-    """linear and knn on frozen features (model None: the pixels), at every --label-fraction."""
-    encoder = None
-    if model is not None:
-        encoder = model.encoder.eval()
-        before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    t_features = time.time()
-    train = ev.features(encoder, data.train_images, data.view, device, dtype, f"{name} train")
-    held = ev.features(encoder, data.eval_images, data.view, device, dtype, f"{name} {data.split}")
-    # the frozen encoder is bit-identical, BN statistics included (moco's check)
-    if encoder is not None:
-        after = encoder.state_dict()
+def frozen_features(name, net, data, device, dtype):
+    """(training, evaluation) features of a frozen network in eval mode (None: the pixels), on
+    `device`; the network is checked bit-identical afterwards, BN statistics included (moco's lincls
+    check)."""
+    t0 = time.time()
+    before = None
+    if net is not None:
+        net.eval()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+    train = ev.features(net, data.train_images, data.view, device, dtype, f"{name} train")
+    held = ev.features(net, data.eval_images, data.view, device, dtype, f"{name} {data.split}")
+    if net is not None:
+        after = net.state_dict()
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
-        assert not encoder.training and unchanged, "encoder changed"
-    train = train.to(device)
-    held = held.to(device)
+        assert not net.training and unchanged, "encoder changed"
+    print(f"{name}: features of {len(train)} + {len(held)} images in {time.time() - t0:.0f} s")
+    return train.to(device), held.to(device)
+
+
+def frozen_protocols(name, train, held, data, args, device):
+    """linear and knn on frozen features (training, evaluation), at every --label-fraction."""
     labels = data.train_labels.to(device)
-    seconds = time.time() - t_features
-    print(f"{name}: features of {len(train)} + {len(held)} images in {seconds:.0f} s")
     rows = []
     for fraction in args.label_fraction:
         idx = ev.balanced_subset(data.train_labels, fraction, args.seed)
@@ -141,8 +183,64 @@ def frozen_protocols(name, model, data, args, device, dtype):
     return rows
 
 
-# ------------------------------------------------------------------------------------------ the
-# linear probe
+# ------------------------------------------------------------------------------- nearest neighbours
+def neighbours_picture(features, data, out, queries, seed, k=8):
+    """neighbours_DATASET.png: `queries` evaluation images (one per class, the classes drawn with
+    `seed`) and, in a panel per encoder, the k training images nearest to each by cosine similarity
+    of that encoder's features; a green frame where a neighbour shares the query's class, red where
+    not. -> its path, or None for 0 queries."""
+    if not queries or not features:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    classes = data.eval_labels.unique()
+    picked_classes = classes[torch.randperm(len(classes), generator=gen)[:queries]].sort().values
+    picks = []
+    for c in picked_classes.tolist():
+        members = (data.eval_labels == c).nonzero()[:, 0]
+        picks.append(members[torch.randint(len(members), (1,), generator=gen)].item())
+    panels = []
+    for name, (train, held) in features.items():
+        tiles = []
+        same = 0
+        for q, row in zip(picks, nearest(train, held[picks], k)):
+            query_class = data.eval_labels[q].item()
+            tiles.append(framed(data.eval_images[q], (0.2, 0.2, 0.2)))
+            for i in row.tolist():
+                match = data.train_labels[i].item() == query_class
+                same += match
+                colour = (0.1, 0.7, 0.1) if match else (0.9, 0.1, 0.1)
+                tiles.append(framed(data.train_images[i], colour))
+        grid = torchvision.utils.make_grid(torch.stack(tiles), nrow=k + 1, padding=2, pad_value=1.0)
+        split = "test" if data.split == "test" else "validation"
+        title = (f"{name}: {split} query, then its {k} nearest training images\n"
+                 f"{same} of {len(picks) * k} of the query's class (green)")
+        panels.append((title, grid))
+    height, width = panels[0][1].shape[1:]
+    fig, axes = figure(len(panels), width=width / 100 + 0.2, height=height / 100 + 0.7)
+    for ax, (title, grid) in zip(axes, panels):
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    suffix = "_val" if data.split == "val" else ""
+    return save_figure(fig, os.path.join(out, f"neighbours_{data.dataset}{suffix}.png"))
+
+
+def nearest(train, queries, k):
+    """Indices (Q, k) of the k training features most similar to each query (cosine similarity)."""
+    sim = F.normalize(queries, dim=1) @ F.normalize(train, dim=1).T  # (Q, N_train)
+    return sim.topk(k, dim=1).indices.cpu()
+
+
+def framed(image, colour, min_side=84):
+    """uint8 (C, S, S) -> float (3, kS + 6, kS + 6) in [0, 1]: enlarged by a whole factor to at
+    least min_side px (a 28 px image at 84), in a 3 px frame of `colour`."""
+    x = enlarge(image[None].float() / 255, min_side)[0].expand(3, -1, -1)  # (3, kS, kS)
+    frame = torch.tensor(colour).view(3, 1, 1).expand(3, x.shape[1] + 6, x.shape[2] + 6).clone()
+    frame[:, 3:-3, 3:-3] = x
+    return frame
+
+
+# --------------------------------------------------------------------------------- the linear probe
 def linear_probe(xtr, ytr, xte, classes, weight_decays, seed=0):
     """Standardise with the training statistics, choose the weight decay on 10% of the training
     images held out, refit on all of them, score `xte`. -> (logits of xte, the chosen weight decay)

@@ -73,8 +73,7 @@ def add_common_flags(p):
     return p
 
 
-# ------------------------------------------------------------------------------------------
-# encoders
+# ----------------------------------------------------------------------------------------- encoders
 @dataclass
 class Encoder:
     name: str  # "simclr" (or the checkpoint's folder when there are several), "random", "pixels"
@@ -119,7 +118,7 @@ def random_network(train_args, seed, zero_init_residual=True):
     return SimCLR.from_args(train_args, zero_init_residual=zero_init_residual)
 
 
-# ------------------------------------------------------------------------------------------ data
+# --------------------------------------------------------------------------------------------- data
 @dataclass
 class Labelled:
     """The labelled images of an evaluation: uint8 (N, C, H, W) and labels (N,) to train on, and
@@ -191,8 +190,7 @@ def balanced_subset(labels, fraction, seed):
     return torch.cat(picks).sort().values
 
 
-# ------------------------------------------------------------------------------------------ forward
-# passes
+# ----------------------------------------------------------------------------------- forward passes
 @torch.no_grad()
 def forward_batches(net, images, view, device, dtype=None, batch_size=512, desc=None):
     """net's float32 outputs on the host for each batch of uint8 `images` in their evaluation view

@@ -172,8 +172,7 @@ def result_row(name, protocol, fraction, curve, logits, data, t1, **extra):
                 seconds=round(time.time() - t1, 1))
 
 
-# ------------------------------------------------------------------------------------------
-# training
+# ----------------------------------------------------------------------------------------- training
 def train_net(net, images, loss_fn, data, args, device, epochs, lr):
     """Nesterov SGD with cosine decay over uint8 `images` (random crop and flip, the paper's
     appendix B.5 without its LARS; weight decay on weights only); loss_fn(logits, idx, x) is the

@@ -15,8 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-# ------------------------------------------------------------------------------------------ errors
-# and flags
+# --------------------------------------------------------------------------------- errors and flags
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (what is wrong, then --help), exit code 2."""
 
@@ -84,8 +83,7 @@ def add_device_flags(group):
                             "only, for GPUs without bf16)")
 
 
-# ------------------------------------------------------------------------------------------ devices
-# and AMP
+# ---------------------------------------------------------------------------------- devices and AMP
 def check_device(name):
     """The torch.device of --device, a bare 'cuda' with the current GPU's index (tensors report
     cuda:0, and torch.device('cuda') != torch.device('cuda:0')), or one line why it cannot be
@@ -144,7 +142,7 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-# ------------------------------------------------------------------------------------------ files
+# -------------------------------------------------------------------------------------------- files
 def make_writable_dir(path, what, fix):
     """Create `path` and check that a file can be written in it, before any work; else one line
     naming `what`."""
@@ -177,7 +175,8 @@ def save_json(path, obj):
 
 
 # Checkpoints written before a flag existed lack it: the value those runs used.
-CHECKPOINT_DEFAULTS = {"stem_stride": 1, "proj_layers": 2, "proj_out_bn": False}
+CHECKPOINT_DEFAULTS = {"stem_stride": 1, "proj_layers": 2, "proj_out_bn": False,
+                       "init": "torchvision"}
 
 
 def load_checkpoint(path):
@@ -273,8 +272,7 @@ def git_sha():
     return done.stdout.strip() or None
 
 
-# ------------------------------------------------------------------------------------------ RNG
-# state
+# ---------------------------------------------------------------------------------------- RNG state
 def seed_all(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -300,8 +298,7 @@ def set_rng_states(s):
     random.setstate((version, tuple(state), gauss))
 
 
-# ------------------------------------------------------------------------------------------ logs
-# and plots
+# ----------------------------------------------------------------------------------- logs and plots
 def read_jsonl(path):
     """The rows of a JSON-lines file; a line torn by a kill while it was written is skipped."""
     rows = []

@@ -25,9 +25,9 @@ class GatherWithGrad(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def nt_xent(z1, z2, temperature=0.5, gather=True):
-    """Mean NT-Xent loss over the 2N anchors of a batch: L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k,
-    2k-1)].
+def nt_xent(z1, z2, temperature=0.5, gather=True, monitors=False):
+    """Mean NT-Xent loss over the 2N anchors of a batch (eq. 1):
+    L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)].
 
     z1, z2: (N, d) projections of the two views of the same N images, any device and float dtype;
     the loss is computed in float32 (float64 stays float64), also under autocast. temperature: tau.
@@ -35,34 +35,46 @@ def nt_xent(z1, z2, temperature=0.5, gather=True):
     2N x world embeddings of all ranks; the gather passes gradients back to the rank that made them,
     so after DDP averages gradients, loss and gradients equal those of one process on the whole
     batch.
-
+    monitors: also return {"contrastive_top1", "spread"}, label-free health monitors (no graph, no
+    host sync): the share of anchors whose most similar candidate is their positive (ties count
+    1 / the number tied, so a constant z scores chance, 1 / (2N world - 1)); and the per-dimension
+    standard deviation of the normalised z times sqrt(d): about 1 when the embeddings spread over
+    the sphere, 0 when they collapse to a point.
     """
     n = z1.shape[0]
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with torch.autocast(z1.device.type, enabled=False):
-        # (2N, d): row i and row i + N are positives
+        # (2N, d): rows i and i + N are the positive pairs
         z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)
         rank = 0
         candidates = z
         if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             rank = dist.get_rank()
-            # (2N world, d), rank r's rows at [2N r, 2N (r + 1))
-            candidates = GatherWithGrad.apply(z)
+            candidates = GatherWithGrad.apply(z)  # (2N world, d): rank r's rows from 2N r on
         logits = z @ candidates.T / temperature  # (2N, 2N world): cosine similarity / tau
-        # anchor i's own column, 2N rank + i: k != i
+        # anchor i's own column, 2N rank + i, is no candidate: k != i in eq. 1
         logits.diagonal(2 * n * rank).fill_(float("-inf"))
         partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n) + 2 * n * rank  # (2N,)
-        return F.cross_entropy(logits, partner)
+        loss = F.cross_entropy(logits, partner)
+        if not monitors:
+            return loss
+        with torch.no_grad():
+            best = logits.max(1, keepdim=True).values  # (2N, 1)
+            tied = (logits == best).sum(1)  # (2N,) candidates at the maximum
+            hit = (logits.gather(1, partner[:, None]) == best)[:, 0]  # (2N,) the positive is one
+            top1 = (hit.float() / tied).mean()
+            spread = z.std(0).mean() * z.shape[1] ** 0.5
+        return loss, {"contrastive_top1": top1, "spread": spread}
 
 
 def cached_backward(net, views, scaler, dtype, temperature, m,
                     memory_format=torch.contiguous_format):
     """Gradient caching (Gao et al. 2021, arXiv 2101.06983): the gradients of 2 x NT-Xent over all
     2n views, scaled by `scaler` (a torch.amp.GradScaler), in .grad, with the activations of m
-    images at a time. views: (2n, 3, S, S), the two views of image i at rows i and n + i; net(x) ->
-    (h, z); dtype: autocast's, or None. A micro-batch holds both views of its images (rows [i, i +
-    m) and [n + i, n + i + m)), so that its BN sees both, as a DDP rank's does. -> (loss, h without
-    a graph)"""
+    images at a time. views: (2n, 3, S, S), the two views of image i at rows i and n + i;
+    net(x) -> (h, z); dtype: autocast's, or None. A micro-batch holds both views of its images,
+    rows i to i + m and n + i to n + i + m, so that its BN sees both, as a DDP rank's does.
+    -> (loss, h without a graph, nt_xent's monitors)"""
     n = views.shape[0] // 2
     k = n // m  # micro-batches
     starts = range(0, n, m)
@@ -85,10 +97,9 @@ def cached_backward(net, views, scaler, dtype, temperature, m,
 
     # 2. The loss over the whole batch (nt_xent gathers the other ranks' z) and its gradient at z,
     # scaled for fp16.
-    # (2n, d): micro-batch after micro-batch, each [view 1; view 2]
-    zc = torch.cat(zs).requires_grad_()
+    zc = torch.cat(zs).requires_grad_()  # (2n, d): micro-batch after micro-batch, [view 1; view 2]
     z = zc.view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, d) in the rows of `views`
-    loss = nt_xent(z[:n], z[n:], temperature)
+    loss, monitors = nt_xent(z[:n], z[n:], temperature, monitors=True)
     grad, = torch.autograd.grad(scaler.scale(2 * loss), zc)  # (2n, d), micro-batch order
 
     # 3. Each micro-batch again with its graph, its slice of dL/dz backpropagated; DDP reduces after
@@ -101,6 +112,5 @@ def cached_backward(net, views, scaler, dtype, temperature, m,
             with autocast():
                 _, z_part = net(part(i))  # (2m, d)
             torch.autograd.backward(z_part, g)
-    # (2n, feat_dim) in the rows of views
-    h = torch.cat(hs).view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)
-    return loss, h
+    h = torch.cat(hs).view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, feat_dim)
+    return loss, h, monitors

@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
+INITS = ("official", "torchvision")  # of the weights: see _init_conv and ProjectionHead
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "wide_resnet50_2", "wide_resnet101_2")
 
@@ -16,10 +17,13 @@ def small_stem(image_size):
     return image_size <= 64
 
 
-def _init_conv(conv):
-    """The official code's conv init (TF's variance_scaling_initializer): a normal of std
-    sqrt(1 / fan_in) truncated at two standard deviations (0.8796: the std of a unit normal
-    truncated so)."""
+def _init_conv(conv, init="official"):
+    """init "official": the official code's conv init (TF's variance_scaling_initializer), a normal
+    of std sqrt(1 / fan_in) truncated at two standard deviations (0.8796: the std of a unit normal
+    truncated so). "torchvision": torchvision's ResNet init, kaiming_normal_ with fan_out."""
+    if init == "torchvision":
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        return conv
     fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
     std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
     nn.init.trunc_normal_(conv.weight, std=std, a=-2 * std, b=2 * std)
@@ -30,7 +34,7 @@ def _scaled(channels, width):
     return channels if channels == 3 else max(1, round(channels * width))  # the RGB input keeps 3
 
 
-def scale_width(net, width):
+def scale_width(net, width, init="official"):
     """Multiply the channels of every conv/BN of a ResNet by `width` (the paper's width multiplier,
     1x/2x/4x; below 1x for cheap CPU runs). Module names and structure stay torchvision's."""
     for module in list(net.modules()):
@@ -40,19 +44,19 @@ def scale_width(net, width):
                                  _scaled(child.out_channels, width),
                                  child.kernel_size, child.stride, child.padding,
                                  groups=child.groups, bias=child.bias is not None)
-                setattr(module, name, _init_conv(conv))
+                setattr(module, name, _init_conv(conv, init))
             elif isinstance(child, nn.BatchNorm2d):
                 setattr(module, name, nn.BatchNorm2d(_scaled(child.num_features, width)))
     return net
 
 
 def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1,
-                  zero_init_residual=True):
+                  zero_init_residual=True, init="official"):
     """A torchvision ResNet with `fc = nn.Identity()`; returns (encoder, feature dim). With
     zero_init_residual the last BN of each residual block starts at zero, as in the official SimCLR
     ResNet (init_zero): every block starts as the identity, which suits training but makes an
     untrained network's residual branches output nothing. stem_stride 2 makes the small stem a 3x3
-    stride-2 conv: a quarter of the compute on 28-32 px images."""
+    stride-2 conv: a quarter of the compute on 28-32 px images. init: the convs', see _init_conv."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if not width > 0:
@@ -60,16 +64,16 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1,
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
-    # torchvision initialises convs with kaiming_normal_ (fan_out): the official init instead
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            _init_conv(m)
+    if init == "official":  # torchvision initialised its convs with kaiming_normal_ (fan_out)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                _init_conv(m)
     if cifar_stem:  # small images: 3x3 conv and no max-pool (paper, appendix B.9)
         stem = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
-        net.conv1 = _init_conv(stem)
+        net.conv1 = _init_conv(stem, init)
         net.maxpool = nn.Identity()
     if width != 1.0:
-        scale_width(net, width)
+        scale_width(net, width, init)
         feat_dim = _scaled(feat_dim, width)
         if zero_init_residual:  # the new BNs start at one: zero the last BN of each block again
             for m in net.modules():
@@ -85,9 +89,11 @@ class ProjectionHead(nn.Module):
     `layers` linear layers, each but the last followed by BN and ReLU; the output layer has no bias
     and, with out_bn, a BN with a scale but no shift (center=False). layers 2 is SimCLR's head, 3 is
     SimCLRv2's. out_bn=False is the paper's formula W2 ReLU(BN(W1 h)) + b2. A linear layer followed
-    by BN has no bias: BN removes it."""
+    by BN has no bias: BN removes it. init "official": the linear layers N(0, 0.01) as the official
+    linear_layer; "torchvision": PyTorch's default (uniform, 1 / sqrt(fan_in))."""
 
-    def __init__(self, in_dim, proj_dim=128, hidden_dim=None, layers=2, out_bn=True):
+    def __init__(self, in_dim, proj_dim=128, hidden_dim=None, layers=2, out_bn=True,
+                 init="official"):
         super().__init__()
         dims = [in_dim] + [hidden_dim or in_dim] * (layers - 1) + [proj_dim]
         mods = []
@@ -99,7 +105,7 @@ class ProjectionHead(nn.Module):
         if out_bn:
             mods.append(nn.BatchNorm1d(proj_dim, affine=False))
         self.net = nn.Sequential(*mods)
-        for m in self.net:
+        for m in self.net if init == "official" else ():
             if isinstance(m, nn.Linear):  # the official linear_layer's init: N(0, 0.01), bias 0
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
@@ -129,19 +135,20 @@ class SimCLR(nn.Module):
     downstream tasks."""
 
     def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None,
-                 stem_stride=1, proj_layers=2, proj_out_bn=True, zero_init_residual=True):
+                 stem_stride=1, proj_layers=2, proj_out_bn=True, zero_init_residual=True,
+                 init="official"):
         super().__init__()
         self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width, stem_stride,
-                                                    zero_init_residual)
+                                                    zero_init_residual, init)
         self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim, proj_layers,
-                                        proj_out_bn)
+                                        proj_out_bn, init)
 
     @classmethod
     def from_args(cls, a, **kwargs):
         """The network of a train.py checkpoint's args (ckpt["args"], every key required)."""
         return cls(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"],
                    stem_stride=a["stem_stride"], proj_layers=a["proj_layers"],
-                   proj_out_bn=a["proj_out_bn"], **kwargs)
+                   proj_out_bn=a["proj_out_bn"], init=a["init"], **kwargs)
 
     def forward(self, x):
         h = self.encoder(x)  # (B, feat_dim)

@@ -28,7 +28,7 @@ from harness import (Parser, StopRequest, add_device_flags, agree_on_resume, amp
                      positive_float, positive_int, probability, rng_states, save_checkpoint,
                      seed_all, set_rng_states, setup_distributed, truncate_jsonl)
 from loss import cached_backward, nt_xent
-from model import ARCHS, SimCLR, convert_global_bn, param_groups, small_stem
+from model import ARCHS, INITS, SimCLR, convert_global_bn, param_groups, small_stem
 
 BASE_LR = {"lars": 0.3, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}  # per 256 images
 # Flags that cannot change what a run computes: a resumed run may pass other values. Every other
@@ -85,6 +85,11 @@ def get_args_parser():
     g.add_argument("--proj-out-bn", action=on_off, default=True,
                    help="BN (scale, no shift) on the head's output, no bias: the official code's "
                         "head; off: the paper's formula, a bias and no BN (default: %(default)s)")
+    g.add_argument("--init", default="official", choices=INITS,
+                   help="the weights' initialisation; official: google-research/simclr's (convs "
+                        "TF's variance scaling, fan-in, truncated normal; the head's dense layers "
+                        "N(0, 0.01)); torchvision: kaiming fan-out and PyTorch's default (default: "
+                        "%(default)s)")
     g.add_argument("--sync-bn", action=on_off,
                    help="BN over all ranks' batch, the paper's global BN (default: on when world > "
                         "1)")
@@ -284,7 +289,7 @@ def train(args, rank, world, device):
     loop(run, net, views, schedule, step, total_steps)
 
 
-# ------------------------------------------------------------------------------------------ data
+# --------------------------------------------------------------------------------------------- data
 def pretraining_data(args, world):
     """The pretraining split; under torchrun the first rank of each machine reads it first (it may
     download)."""
@@ -344,8 +349,7 @@ def build_views(base, args, rank, world, device):
         die(str(e), every_rank=True)
 
 
-# ------------------------------------------------------------------------------------------ model
-# and optimiser
+# ------------------------------------------------------------------------------ model and optimiser
 def build_model(args, world, device):
     model = SimCLR.from_args(vars(args))
     if world > 1 and args.sync_bn:  # global BN: statistics of the whole batch
@@ -411,14 +415,15 @@ def lr_at(step, peak_lr, warmup_steps, total_steps):
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ------------------------------------------------------------------------------------------ the
-# loop
+# ----------------------------------------------------------------------------------------- the loop
 def loop(run, net, views, schedule, step, total_steps):
     """One flat loop over the steps, crossing epochs; one save path."""
     args = run.args
     stop = StopRequest(run.world)
-    window = []  # the losses since the last log line, on the device: read once per line
-    epoch_losses = []  # (mean loss, steps) of each log line in this epoch
+    # (loss, contrastive top-1, spread) of each step since the last log line, on the device: read
+    # once per line, so that no step waits for the host
+    window = []
+    epoch_rows = []  # (means of a log line's window, its steps) in this epoch
     bar = tqdm(total=total_steps, initial=step, disable=True if not run.main else None,
                dynamic_ncols=True)
     run.t_start = time.time()  # training time starts now, not at setup
@@ -429,10 +434,10 @@ def loop(run, net, views, schedule, step, total_steps):
             lr = schedule(step)
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
-            loss, h = train_step(net, x, run.optimizer, run.scaler, run.dtype, args)
+            loss, h, monitors = train_step(net, x, run.optimizer, run.scaler, run.dtype, args)
             if run.probe is not None:  # a linear classifier on the detached h of both views
                 run.probe.step(h, torch.cat([y, y]))
-            window.append(loss)
+            window.append(torch.stack([loss, monitors["contrastive_top1"], monitors["spread"]]))
             step += 1
             images_since_log += args.batch_size
             bar.update()
@@ -441,10 +446,11 @@ def loop(run, net, views, schedule, step, total_steps):
 
             if step % args.log_every == 0 or end_of_epoch:
                 # the one host sync per log line
-                loss = run.check_finite(window, step).mean().item()
-                epoch_losses.append((loss, len(window)))
-                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                       "img_s": images_since_log / (time.time() - t_log), "time": run.seconds()}
+                loss, top1, spread = run.check_finite(window, step).mean(0).tolist()
+                epoch_rows.append(((loss, top1, spread), len(window)))
+                img_s = images_since_log / (time.time() - t_log)
+                row = {"step": step, "epoch": epoch, "loss": loss, "contrastive_top1": 100 * top1,
+                       "spread": spread, "lr": lr, "img_s": img_s, "time": run.seconds()}
                 if run.probe is not None:
                     row["probe_top1"] = run.probe.accuracy(run.world)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.3g}",
@@ -466,12 +472,15 @@ def loop(run, net, views, schedule, step, total_steps):
                     run.knn.log(run, step, epoch)
                 if epoch_due:
                     run.plot()
-                mean = sum(v * k for v, k in epoch_losses) / max(1, sum(k for _, k in epoch_losses))
+                steps_logged = max(1, sum(k for _, k in epoch_rows))
+                loss, top1, spread = [sum(means[i] * k for means, k in epoch_rows) / steps_logged
+                                      for i in range(3)]
                 saved = f", saved {run.ckpt_path}" if epoch_due else ""
                 if run.main:
-                    tqdm.write(f"epoch {epoch} done: step {step}/{total_steps}, "
-                               f"mean loss {mean:.4f}{saved}")
-                epoch_losses = []
+                    tqdm.write(f"epoch {epoch} done: step {step}/{total_steps}, mean loss "
+                               f"{loss:.4f}, contrastive top-1 {100 * top1:.1f}%, spread "
+                               f"{spread:.2f}{saved}")
+                epoch_rows = []
             # the logged img/s counts training, not checkpoints and monitors
             if saving or end_of_epoch:
                 t_log = time.time()
@@ -492,7 +501,8 @@ def loop(run, net, views, schedule, step, total_steps):
 
 def train_step(net, views, optimizer, scaler, dtype, args):
     """One optimiser step on (2n, 3, S, S) views, view 1 of image i at row i and view 2 at row n + i
-    (gradient caching when --micro-batch < n). -> (the loss, h without a graph), no host sync."""
+    (gradient caching when --micro-batch < n). -> (the loss, h without a graph, the label-free
+    monitors of loss.nt_xent), no host sync."""
     n = views.shape[0] // 2
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     optimizer.zero_grad(set_to_none=True)
@@ -501,22 +511,21 @@ def train_step(net, views, optimizer, scaler, dtype, args):
     # biases and BN take the official step.
     # --micro-batch: the whole batch's gradients with a micro-batch's memory (gradient caching)
     if args.micro_batch and args.micro_batch < n:
-        loss, h = cached_backward(net, views, scaler, dtype, args.temperature, args.micro_batch,
-                                  memory_format)
+        loss, h, monitors = cached_backward(net, views, scaler, dtype, args.temperature,
+                                            args.micro_batch, memory_format)
     else:
         # both views in one forward pass, so that BN normalises over the 2n views of the batch
         with autocast(views.device, dtype):
             h, z = net(views.contiguous(memory_format=memory_format))  # (2n, d), (2n, proj_dim)
         # each view must find its partner among the 2n - 1 others (float32 inside nt_xent)
-        loss = nt_xent(z[:n], z[n:], args.temperature)
+        loss, monitors = nt_xent(z[:n], z[n:], args.temperature, monitors=True)
         scaler.scale(2 * loss).backward()
     scaler.step(optimizer)  # unscales first: LARS sees the true gradients
     scaler.update()
-    return loss.detach(), h.detach()
+    return loss.detach(), h.detach(), monitors
 
 
-# ------------------------------------------------------------------------------------------
-# monitors with labels
+# ----------------------------------------------------------------------------- monitors with labels
 def build_monitors(args, base, model, rank, device):
     """--probe: (online probe, kNN monitor); either is None where the data has no labels."""
     classes = DATASETS[args.dataset]["num_classes"] or int(labels(base).max()) + 1
@@ -612,8 +621,7 @@ class KnnMonitor:
         run.log({"step": step, "epoch": epoch, "knn_top1": top1})
 
 
-# ------------------------------------------------------------------------------------------
-# checkpoints and logs
+# ----------------------------------------------------------------------------- checkpoints and logs
 class Run:
     """What a run keeps in OUTPUT_DIR: last.pt (model, optimiser, scaler, probe, step, args, RNG
     states, written atomically), metrics.jsonl and curves.png; and the run's setup that the loop
@@ -702,13 +710,13 @@ class Run:
         save_checkpoint(self.ckpt_path, state)
 
     def check_finite(self, window, step):
-        """The window's losses, averaged over the ranks so that all decide alike; one not finite
-        stops the run."""
-        losses = torch.stack(window).float() if window else torch.zeros(0)
+        """The window's (loss, monitors) rows (steps, 3), averaged over the ranks so that all decide
+        alike; a loss that is not finite stops the run."""
+        rows = torch.stack(window).float() if window else torch.zeros(0, 3)
         if dist.is_initialized() and dist.get_world_size() > 1 and window:
-            dist.all_reduce(losses)
-            losses /= dist.get_world_size()
-        bad = [i for i, x in enumerate(losses.tolist()) if not math.isfinite(x)]
+            dist.all_reduce(rows)
+            rows /= dist.get_world_size()
+        bad = [i for i, x in enumerate(rows[:, 0].tolist()) if not math.isfinite(x)]
         if bad:
             if os.path.exists(self.ckpt_path):
                 where = f"the last good checkpoint is {self.ckpt_path}"
@@ -717,7 +725,7 @@ class Run:
             first_bad = step - len(window) + bad[0] + 1
             die(f"loss is not finite at step {first_bad} ({where}): lower --lr, "
                 "raise --temperature or use --amp bf16/off")
-        return losses
+        return rows
 
     def log(self, row):
         if self.main:
@@ -725,9 +733,11 @@ class Run:
 
     def plot(self):
         if self.main:
-            monitors = {"probe_top1": "online linear probe (train)", "knn_top1": "kNN (test)"}
+            top1 = {"contrastive_top1": "contrastive (positive found)",
+                    "probe_top1": "online linear probe (train)", "knn_top1": "kNN (test)"}
             panels = [("NT-Xent loss", {"loss": "loss"}), ("learning rate", {"lr": "lr"}),
-                      ("monitors, top-1 (%)", monitors)]
+                      ("monitors, top-1 (%)", top1), ("spread of z (1: spread, 0: collapsed)",
+                                                      {"spread": "std of normalised z x sqrt(d)"})]
             plot_jsonl(self.metrics_path, os.path.join(self.args.output_dir, "curves.png"), panels)
 
 

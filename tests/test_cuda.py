@@ -82,7 +82,7 @@ def test_thirty_training_steps_never_sync_with_the_host(fm, tmp_path):
     try:
         for _ in range(30):
             _, _, (x, y) = next(batches)
-            loss, _ = train.train_step(model, x, optimizer, scaler, torch.bfloat16, args)
+            loss, _, _ = train.train_step(model, x, optimizer, scaler, torch.bfloat16, args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()

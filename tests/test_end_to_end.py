@@ -125,3 +125,35 @@ def test_logged_img_s_is_the_rate_of_each_window(tmp_path, no_md5, monkeypatch):
                       "--epochs", "2"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "img_s" in line]
     assert len(rows) == 4 and rows[-1]["img_s"] < 16 / 0.4  # the 4th step alone: 16 images in >= 0.4 s
+
+
+def test_label_free_monitors_are_logged_without_a_host_read_per_step(tmp_path, no_md5, monkeypatch):
+    """Every metrics row holds the contrastive top-1 (%) and the spread of z; train_step itself calls no .item()
+    or .tolist() (the log line's one read carries the monitors), and curves.png is drawn."""
+    write_cifar(tmp_path / "data", n_train=40, n_test=20)
+    reads = []
+    inside = []
+    for name in ("item", "tolist"):
+        real_read = getattr(torch.Tensor, name)
+
+        def read(self, *a, _real=real_read, **k):
+            reads.append(bool(inside))
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    real_step = train.train_step
+
+    def step(*a, **k):
+        inside.append(1)
+        try:
+            return real_step(*a, **k)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(train, "train_step", step)
+    out = tmp_path / "run"
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--max-steps", "4",
+                      "--log-every", "2"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 <= r["contrastive_top1"] <= 100 and r["spread"] > 0 for r in rows)
+    assert reads and not any(reads)  # reads happen, at log lines, none inside a step
+    assert (out / "curves.png").stat().st_size > 0

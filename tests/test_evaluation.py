@@ -109,7 +109,7 @@ def test_online_probe_leaves_the_encoder_gradients_unchanged():
         opt = train.build_optimizer(model, args, 0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         probe = train.OnlineProbe(model.feat_dim, 10, torch.device("cpu")) if use_probe else None
-        _, h = train.train_step(model, views, opt, scaler, None, args)
+        _, h, _ = train.train_step(model, views, opt, scaler, None, args)
         if probe is not None:  # as the loop does after each step
             probe.step(h, torch.cat([labels, labels]))
         results.append(({k: p.grad.clone() for k, p in model.named_parameters()}, model.state_dict()))
@@ -207,7 +207,7 @@ def test_validation_images_are_class_balanced_fixed_and_apart_from_training(pret
 
 
 RESNET50 = dict(arch="resnet50", width=0.25, cifar_stem=True, stem_stride=1, proj_dim=128, proj_layers=2,
-                proj_out_bn=True, dataset="fashion-mnist", image_size=28)
+                proj_out_bn=True, init="official", dataset="fashion-mnist", image_size=28)
 
 
 def test_fitted_bn_statistics_are_those_of_every_bn_input_over_all_images(tmp_path):
@@ -279,3 +279,34 @@ def test_the_reported_random_network_is_the_best_variant_on_held_out_training_im
     assert result["random_top1"] == random_row["top1"]
     assert seen[1:5] == [12] * 4  # the four variants scored on 20% of the 60 training images, not the 20 test
     assert any(random_row["variant"] in line for line in capsys.readouterr().out.splitlines())  # the table
+
+
+def test_nearest_neighbours_are_the_most_cosine_similar(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    train, queries = torch.randn(50, 6, generator=g), torch.randn(3, 6, generator=g)
+    got = eval_linear.nearest(train, queries, k=4)
+    for q, row in zip(queries.double(), got):  # float64, one by one
+        sims = [(q @ t / (q.norm() * t.norm())).item() for t in train.double()]
+        assert row.tolist() == sorted(range(50), key=lambda i: -sims[i])[:4]
+
+
+def test_h_and_z_and_the_neighbours_picture(pretrained, capsys):
+    """--head-layers 0 1 2: the probe on h, after the head's first layer and on z (the default head has 2); the
+    headline simclr_top1 stays h's; neighbours_DATASET.png has a panel per encoder, its 28 px images at 84 px."""
+    from PIL import Image
+    data, out = pretrained
+    capsys.readouterr()
+    result = eval_linear.main(eval_linear.get_args_parser().parse_args(
+        ["--ckpt", str(out / "last.pt"), "--random-init", "--pixels", "--data-dir", data, "--amp", "off",
+         "--head-layers", "0", "1", "2", "--neighbours", "4"]))
+    simclr = [r for r in result["results"] if r["encoder"] == "simclr"]
+    assert [r.get("head_layers", 0) for r in simclr] == [0, 1, 2]
+    assert result["simclr_top1"] == simclr[0]["top1"]
+    assert {r["encoder"] for r in result["results"] if r.get("head_layers")} == {"simclr"}  # h only for the rest
+    path = out / "neighbours_fashion-mnist.png"
+    assert str(path) in result["plots"]
+    width, height = Image.open(path).size
+    # 3 panels of 9 tiles of 84 + 6 px (and a 2 px grid) side by side, 4 rows high
+    assert width >= 3 * 9 * 90 and height >= 4 * 90
+    err = capsys.readouterr().err
+    assert "Traceback" not in err

@@ -87,3 +87,51 @@ def test_loss_py_imports_no_sibling():
     names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     foreign = {n for n in names if n not in sys.stdlib_module_names and n not in {"torch", "torchvision", "numpy"}}
     assert not names & siblings and not foreign, names
+
+
+# ------------------------------------------------------------------------------------ label-free monitors
+
+def reference_monitors(z1, z2):
+    """float64, slow and obvious: each anchor's most similar other view (a tie shared among the tied), and the
+    per-dimension standard deviation of the normalised embeddings times sqrt(d)."""
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
+    two_n, d = z.shape
+    n = two_n // 2
+    hits = 0.0
+    for i in range(two_n):
+        sims = [(z[i] @ z[k]).item() for k in range(two_n) if k != i]
+        others = [k for k in range(two_n) if k != i]
+        best = max(sims)
+        tied = [k for k, s in zip(others, sims) if s == best]
+        hits += ((i + n) % two_n in tied) / len(tied)
+    return hits / two_n, z.std(0).mean().item() * math.sqrt(d)
+
+
+@pytest.mark.parametrize("n,tau", [(8, 0.5), (16, 0.1)])
+def test_monitors_match_the_reference(n, tau):
+    g = torch.Generator().manual_seed(n)
+    z1 = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    z2 = z1 + 1.2 * torch.randn(n, 8, generator=g, dtype=torch.float64)  # positives closer than chance
+    loss, monitors = nt_xent(z1, z2, tau, monitors=True)
+    top1, spread = reference_monitors(z1, z2)
+    assert 0 < top1 < 1  # some anchors find their positive, some not: the test can tell them apart
+    assert monitors["contrastive_top1"].item() == pytest.approx(top1, abs=1e-12)
+    assert monitors["spread"].item() == pytest.approx(spread, rel=1e-9)  # the same float64 sums
+    torch.testing.assert_close(loss, nt_xent(z1, z2, tau))  # the loss is the same with or without them
+
+
+def test_a_collapsed_batch_scores_zero_spread_and_chance_top1():
+    n = 8
+    z = torch.ones(n, 16)  # every view the same point
+    _, monitors = nt_xent(z, z.clone(), 0.5, monitors=True)
+    assert monitors["spread"].item() == 0.0
+    assert monitors["contrastive_top1"].item() == pytest.approx(1 / (2 * n - 1))  # each of 2N - 1 tied
+
+
+def test_identical_views_find_every_positive():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(32, 16, generator=g)
+    _, monitors = nt_xent(z, z.clone(), 0.5, monitors=True)
+    assert monitors["contrastive_top1"].item() == 1.0
+    # 64 points, two copies of 32 directions in 16 dimensions: spread near 1 (0.8-1.1 for such samples)
+    assert 0.8 < monitors["spread"].item() < 1.2

@@ -41,7 +41,7 @@ def step(model, views, micro_batch, scaler=None, dtype=None, probe=None, seed=1)
     argv = ["--temperature", "0.5", "--no-channels-last"]
     if micro_batch:
         argv += ["--micro-batch", str(micro_batch)]
-    loss, h = train.train_step(model, views, opt, scaler, dtype, train.get_args_parser().parse_args(argv))
+    loss, h, _ = train.train_step(model, views, opt, scaler, dtype, train.get_args_parser().parse_args(argv))
     if probe is not None:  # as train.py's loop feeds its online probe
         probe.step(h, torch.cat([labels, labels]))
     return loss, {k: p.grad.clone() for k, p in model.named_parameters()}

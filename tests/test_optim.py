@@ -98,6 +98,6 @@ def test_the_step_follows_the_official_loss_scale():
     _, z = net(views)
     grad, = torch.autograd.grad(2 * nt_xent(z[:4], z[4:], 0.5), net.proj.bias)
     args = train.get_args_parser().parse_args(["--temperature", "0.5", "--no-channels-last"])
-    loss, _ = train.train_step(net, views, opt, scaler, None, args)
+    loss, _, _ = train.train_step(net, views, opt, scaler, None, args)
     torch.testing.assert_close(net.proj.bias.detach(), before - grad)
     torch.testing.assert_close(loss, nt_xent(z[:4], z[4:], 0.5).detach())  # the logged loss is the paper's mean

@@ -160,7 +160,10 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, fm, tmp_path, mo
     before = (out / "last.pt").read_bytes()
     capsys.readouterr()
     real = train.nt_xent
-    monkeypatch.setattr(train, "nt_xent", lambda z1, z2, t: real(z1, z2, t) * float("nan"))  # diverges from step 3
+    def diverged(*a, **k):  # from step 3 on
+        loss, monitors = real(*a, **k)
+        return loss * float("nan"), monitors
+    monkeypatch.setattr(train, "nt_xent", diverged)
     err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "9",
                                                      "--extend"]))
     assert "loss is not finite at step 3" in err and "last good checkpoint" in err
