@@ -194,6 +194,7 @@ def main(args):
     res["model_tflop_s"] = res["gflop_per_view"] * 2 * res["model_only_img_s"] / 1e3
     res["step_tflop_s"] = res["gflop_per_view"] * 2 * res["step_img_s"] / 1e3
     res["step_over_model"] = res["step_img_s"] / res["model_only_img_s"]
+    res["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if cuda else None
     res["aug_speedup"] = res["aug_batched_img_s"] / res["aug_per_image_img_s"]
 
     compiled = ", compiled" if compile_aug else ""

@@ -528,8 +528,14 @@ class TwoViewBatches:
         order = torch.tensor(list(self.sampler))
         steps = len(order) // self.per_rank
         order = order[:steps * self.per_rank].view(steps, self.per_rank)  # (steps, n)
-        # once per epoch, not a host-to-device copy per step
-        on_device = order.to(self.resident.images.device)
+        # once per epoch, not a copy per step; to a GPU from pinned memory and without blocking: a
+        # pageable copy would make the host wait for the GPU at every epoch's start
+        on_device = order
+        held_on = self.resident.images.device
+        if held_on != order.device:
+            if pin_before_copy(order.device, held_on):
+                on_device = order.pin_memory()
+            on_device = on_device.to(held_on, non_blocking=True)
         for k, (idx, host_idx) in enumerate(zip(on_device, order), start):
             x, y = self.resident.batch(idx)  # uint8 (n, C, S, S)
             sizes = self.sizes[host_idx]  # (n, 2): the originals' (H, W), where crops are drawn

@@ -26,7 +26,7 @@ from harness import (Parser, StopRequest, add_device_flags, agree_on_resume, amp
                      append_jsonl, at_least, autocast, changed_flags, checked, die, git_sha,
                      ignore_sigint, load_model_state, make_writable_dir, ordered_pair, plot_jsonl,
                      positive_float, positive_int, probability, rng_states, save_checkpoint,
-                     seed_all, set_rng_states, setup_distributed, truncate_jsonl)
+                     save_json, seed_all, set_rng_states, setup_distributed, truncate_jsonl)
 from loss import cached_backward, nt_xent
 from model import ARCHS, INITS, SimCLR, convert_global_bn, param_groups, small_stem
 
@@ -34,9 +34,9 @@ BASE_LR = {"lars": 0.3, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}  # per 256 ima
 # Flags that cannot change what a run computes: a resumed run may pass other values. Every other
 # flag must match the checkpoint's, but --sync-bn where one of the two runs had a single rank (it
 # changes nothing there).
-NEUTRAL = {"workers", "log_every", "save_every", "save_every_epochs", "output_dir", "resume",
-           "extend", "device", "data_dir", "download", "compile", "aug_compile", "channels_last",
-           "probe", "knn_every", "knn_samples", "preview"}
+NEUTRAL = {"workers", "log_every", "save_every", "save_every_epochs", "save_every_minutes",
+           "output_dir", "resume", "extend", "device", "data_dir", "download", "compile",
+           "aug_compile", "channels_last", "probe", "knn_every", "knn_samples", "preview"}
 EXTENDABLE = {"epochs", "max_steps"}  # what --extend may change
 jitter_strength = checked(float, lambda s: 0 <= s <= 2.5,
                           "s must be in [0, 2.5] (hue jitter 0.2 s is at most 0.5)")
@@ -162,8 +162,12 @@ def get_args_parser():
     g.add_argument("--save-every", type=at_least(0), default=0,
                    help="also save every this many steps (default: %(default)s)")
     g.add_argument("--save-every-epochs", type=positive_int, default=1,
-                   help="epochs between last.pt and curves.png (the last epoch and a stop always "
-                        "save); raise it where an epoch takes seconds (default: %(default)s)")
+                   help="epochs between last.pt and curves.png, once --save-every-minutes have "
+                        "passed too (the last epoch and a stop always save) (default: %(default)s)")
+    g.add_argument("--save-every-minutes", type=at_least(0, float), default=1.0,
+                   help="minutes of training at least between saves at an epoch's end: where an "
+                        "epoch takes seconds (a fast GPU), saving each one would cost 10-20%% of "
+                        "the time; 0 saves at every --save-every-epochs (default: %(default)s)")
     g.add_argument("--log-every", type=at_least(1), default=10,
                    help="steps between log lines (default: %(default)s)")
     g.add_argument("--preview", action="store_true",
@@ -284,8 +288,6 @@ def train(args, rank, world, device):
     if world > 1:
         device_ids = [device] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if args.compile:
-        net = torch.compile(net)  # after DDP, the order torch supports
     loop(run, net, views, schedule, step, total_steps)
 
 
@@ -320,10 +322,15 @@ def recipe(args):
 
 
 def preview(base, args):
-    """OUTPUT_DIR/augmentations.png: eight images and their two views."""
+    """OUTPUT_DIR/augmentations.png: eight images and their two views, at most 512 px a side: crops
+    and the blur (10% of the side) are relative to the image, so larger views would look the same at
+    many times the cost (4096 px views: a 12k x 33k px picture)."""
     images = [base[i][0] for i in range(min(8, len(base)))]
     path = os.path.join(args.output_dir, "augmentations.png")
-    return save_preview(images, SimCLRTransform(view(args), recipe(args)), path, seed=args.seed)
+    shown = view(args)
+    if shown.size > 512:
+        shown = View(512, shown.mean, shown.std)
+    return save_preview(images, SimCLRTransform(shown, recipe(args)), path, seed=args.seed)
 
 
 def build_views(base, args, rank, world, device):
@@ -417,9 +424,11 @@ def lr_at(step, peak_lr, warmup_steps, total_steps):
 
 # ----------------------------------------------------------------------------------------- the loop
 def loop(run, net, views, schedule, step, total_steps):
-    """One flat loop over the steps, crossing epochs; one save path."""
+    """One flat loop over the steps, crossing epochs; one save path. net: the model (in DDP under
+    torchrun), compiled here with --compile."""
     args = run.args
     stop = StopRequest(run.world)
+    step_net = torch.compile(net) if args.compile else net  # after DDP, the order torch supports
     # (loss, contrastive top-1, spread) of each step since the last log line, on the device: read
     # once per line, so that no step waits for the host
     window = []
@@ -429,12 +438,26 @@ def loop(run, net, views, schedule, step, total_steps):
     run.t_start = time.time()  # training time starts now, not at setup
     t_log = run.t_start
     images_since_log = 0
+    first_step = step
+    last_save = time.monotonic()
+    timing = dict(start=time.monotonic(), save_seconds=0.0, window_rates=[])
+    stopped_by = None
     try:
         for step, epoch, (x, y) in views.steps(step, total_steps):
             lr = schedule(step)
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
-            loss, h, monitors = train_step(net, x, run.optimizer, run.scaler, run.dtype, args)
+            optimizer, scaler, dtype = run.optimizer, run.scaler, run.dtype
+            try:
+                loss, h, monitors = train_step(step_net, x, optimizer, scaler, dtype, args)
+            except Exception as e:  # a compiler that fails on this GPU fails at the first step
+                if step_net is net or step > first_step:
+                    raise
+                why = str(e).splitlines()[0][:200] if str(e) else ""
+                tqdm.write(f"warning: --compile failed at the first step ({type(e).__name__}: "
+                           f"{why}); training eagerly")
+                step_net = net
+                loss, h, monitors = train_step(step_net, x, optimizer, scaler, dtype, args)
             if run.probe is not None:  # a linear classifier on the detached h of both views
                 run.probe.step(h, torch.cat([y, y]))
             window.append(torch.stack([loss, monitors["contrastive_top1"], monitors["spread"]]))
@@ -449,6 +472,7 @@ def loop(run, net, views, schedule, step, total_steps):
                 loss, top1, spread = run.check_finite(window, step).mean(0).tolist()
                 epoch_rows.append(((loss, top1, spread), len(window)))
                 img_s = images_since_log / (time.time() - t_log)
+                timing["window_rates"].append(img_s)
                 row = {"step": step, "epoch": epoch, "loss": loss, "contrastive_top1": 100 * top1,
                        "spread": spread, "lr": lr, "img_s": img_s, "time": run.seconds()}
                 if run.probe is not None:
@@ -460,18 +484,24 @@ def loop(run, net, views, schedule, step, total_steps):
                 t_log = time.time()
                 images_since_log = 0
 
-            every_epochs = (epoch + 1) % args.save_every_epochs == 0
+            # at an epoch's end, every --save-every-epochs once --save-every-minutes have passed:
+            # a checkpoint costs about a second, which is 10-20% of an epoch of a few seconds
+            minutes_passed = time.monotonic() - last_save >= 60 * args.save_every_minutes
+            every_epochs = (epoch + 1) % args.save_every_epochs == 0 and minutes_passed
             epoch_due = end_of_epoch and (every_epochs or step == total_steps)
             steps_due = args.save_every and step % args.save_every == 0
             saving = epoch_due or steps_due or stopping
+            t_save = time.monotonic()
             if saving:
                 run.check_finite(window, step)  # never save a diverged model over a good one
                 run.save(step)
+                last_save = time.monotonic()
+            if epoch_due:
+                run.plot()
+            timing["save_seconds"] += time.monotonic() - t_save
             if end_of_epoch:
                 if run.knn is not None and (epoch + 1) % args.knn_every == 0:
                     run.knn.log(run, step, epoch)
-                if epoch_due:
-                    run.plot()
                 steps_logged = max(1, sum(k for _, k in epoch_rows))
                 loss, top1, spread = [sum(means[i] * k for means, k in epoch_rows) / steps_logged
                                       for i in range(3)]
@@ -486,15 +516,18 @@ def loop(run, net, views, schedule, step, total_steps):
                 t_log = time.time()
                 images_since_log = 0
             if stopping:
-                if run.main:
-                    print(f"stopped by {stop.signal} after step {step}; saved {run.ckpt_path}. "
-                          f"Resume with the same command: python {shlex.join(sys.argv)}",
-                          flush=True)
-                return
+                stopped_by = stop.signal
+                break
     finally:
         stop.restore()
         bar.close()
-    if run.main:
+    run.summarize(step, step - first_step, timing)
+    if not run.main:
+        return
+    if stopped_by:
+        print(f"stopped by {stopped_by} after step {step}; saved {run.ckpt_path}. Resume with the "
+              f"same command: python {shlex.join(sys.argv)}", flush=True)
+    else:
         print(f"finished {total_steps} steps in {run.seconds():.0f} s; evaluate with: "
               f"python eval_linear.py --ckpt {run.ckpt_path}")
 
@@ -726,6 +759,25 @@ class Run:
             die(f"loss is not finite at step {first_bad} ({where}): lower --lr, "
                 "raise --temperature or use --amp bf16/off")
         return rows
+
+    def summarize(self, step, steps, timing):
+        """The run's speed, end to end: images trained over the wall time from the first step to the
+        last, checkpoints and monitors included, beside the median of the logged windows (which
+        leave them out); the share of time saving; peak GPU memory. OUTPUT_DIR/summary.json (of this
+        process's steps) and a JSON line."""
+        seconds = time.monotonic() - timing["start"]
+        rates = sorted(timing["window_rates"])
+        summary = {"steps": steps, "seconds": round(seconds, 1),
+                   "img_s_end_to_end": round(steps * self.args.batch_size / max(seconds, 1e-9), 1),
+                   "img_s_windows_median": round(rates[len(rates) // 2], 1) if rates else None,
+                   "save_seconds": round(timing["save_seconds"], 2),
+                   "save_share": round(timing["save_seconds"] / max(seconds, 1e-9), 4)}
+        if self.device.type == "cuda":
+            summary["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20)
+        if self.main:
+            save_json(os.path.join(self.args.output_dir, "summary.json"), dict(summary, step=step))
+            print(json.dumps({"summary": summary}), flush=True)
+        return summary
 
     def log(self, row):
         if self.main:

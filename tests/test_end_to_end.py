@@ -157,3 +157,32 @@ def test_label_free_monitors_are_logged_without_a_host_read_per_step(tmp_path, n
     assert all(0 <= r["contrastive_top1"] <= 100 and r["spread"] > 0 for r in rows)
     assert reads and not any(reads)  # reads happen, at log lines, none inside a step
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_compile_that_fails_at_the_first_step_falls_back_to_eager(tmp_path, no_md5, monkeypatch, capsys):
+    """A GPU whose compiler fails (inductor raising at the first call): one warning, then the run trains eagerly."""
+    write_cifar(tmp_path / "data", n_train=40, n_test=20)
+
+    class Broken:
+        def __call__(self, *a, **k):
+            raise RuntimeError("inductor: no kernel for this GPU")
+    monkeypatch.setattr(train.torch, "compile", lambda net: Broken())
+    out = tmp_path / "run"
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--max-steps", "2",
+                      "--compile"])
+    captured = capsys.readouterr()
+    assert "--compile failed at the first step (RuntimeError: inductor" in captured.out + captured.err
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 2 and summary["img_s_end_to_end"] > 0 and 0 <= summary["save_share"] <= 1
+
+
+def test_preview_of_large_views_is_drawn_at_512_px(tmp_path, no_md5):
+    """Views of 4096 px would make a 12k x 33k px picture after minutes of CPU: the preview shows them at 512."""
+    from PIL import Image
+    write_cifar(tmp_path / "data", n_train=20, n_test=10)
+    out = tmp_path / "run"
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--image-size", "600",
+                      "--preview"])
+    width, height = Image.open(out / "augmentations.png").size
+    assert height == 3 * (512 + 2) + 2 and width == 8 * (512 + 2) + 2  # 3 rows of 8 tiles, 2 px grid

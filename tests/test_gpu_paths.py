@@ -6,7 +6,7 @@ import torch
 import augment as A
 import data
 import harness
-from conftest import batch_augment, one_line_exit_2
+from conftest import batch_augment, one_line_exit_2, write_idx
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -68,6 +68,7 @@ def test_resident_images_on_the_cpu_never_pin(monkeypatch):
 
 
 @CUDA
+@pytest.mark.cuda  # make gpu-check runs it
 @pytest.mark.parametrize("free", [None, 0])  # the images fit on the GPU, or are held in pinned host memory
 def test_resident_images_on_a_bare_cuda_device(monkeypatch, free):
     if free is not None:
@@ -170,3 +171,27 @@ def test_per_image_views_are_cat_on_the_device(monkeypatch):
         assert views.device.type == "meta" and y.device.type == "meta" and views.shape == (6, 3, 4, 4)
         inputs = [devices for devices, out in cats if out is views]
         assert inputs == [["meta", "meta"]]
+
+
+def test_the_epochs_order_reaches_a_gpu_pinned_and_without_blocking(tmp_path, monkeypatch):
+    """Batched pipeline with the images held on the GPU ('meta' stands in for it): each epoch's order goes to the
+    device once, from pinned memory and non_blocking. A pageable copy blocks the host (the failure of the CUDA
+    test that runs 30 steps under set_sync_debug_mode('error'), at the second epoch's start)."""
+    ds = data.get_dataset("fashion-mnist", write_idx(tmp_path / "fm", n_train=12, n_test=4), "train")
+    batches = data.TwoViewBatches(ds, 4, 0, 1, 0, "cpu", batch_augment=lambda x, gen, sizes: x, image_size=28)
+    batches.resident.images = batches.resident.images.to("meta")  # held on the "GPU"
+    batches.resident.labels = batches.resident.labels.to("meta")
+    batches.resident.device = torch.device("meta")
+    monkeypatch.setattr(data, "pin_before_copy", lambda src, dst: src.type == "cpu" and dst.type == "meta")
+    pinned, copies = [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **k):
+        if a and str(a[0]) == "meta" and self.dtype == torch.long and self.dim() == 2:  # the (steps, n) order
+            copies.append((any(self is p for p in pinned), k.get("non_blocking", False)))
+        return real_to(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    for epoch in (0, 1):
+        assert len(list(batches.epoch(epoch))) == 3
+    assert copies == [(True, True), (True, True)]  # one pinned, non-blocking copy per epoch

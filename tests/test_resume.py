@@ -1,5 +1,6 @@
 """Resume never mixes two recipes, ranks agree on the checkpoint, saves follow --save-every-epochs, and --amp
 fails early where it cannot work."""
+import json
 import os
 import socket
 import subprocess
@@ -96,9 +97,33 @@ def test_saves_and_plots_every_save_every_epochs_and_always_the_last(tmp_path, m
     saved, plotted = [], []
     monkeypatch.setattr(train.Run, "save", lambda self, step: saved.append(step))
     monkeypatch.setattr(train.Run, "plot", lambda self: plotted.append(True))
-    run(TINY + ["--data-dir", data, "--output-dir", str(tmp_path / "r"), "--epochs", "5", "--save-every-epochs", "2"])
+    run(TINY + ["--data-dir", data, "--output-dir", str(tmp_path / "r"), "--epochs", "5", "--save-every-epochs", "2",
+                "--save-every-minutes", "0"])
     assert saved == [4, 8, 10]  # epochs 2 and 4, then the last one (5)
     assert len(plotted) == 3
+
+
+def test_saves_wait_for_save_every_minutes(tmp_path, monkeypatch):
+    """A fake clock where each step takes 25 s: epochs (2 steps) end at 50, 100, 150, 200, 250 s. With
+    --save-every-minutes 1, an epoch's end saves when a minute has passed since the last save: at 100 s and 200 s,
+    then the last step always; epochs of seconds on a fast GPU then cost a save a minute, not one each."""
+    data = str(write_idx(tmp_path / "fm", n_train=16, n_test=10))  # 2 steps per epoch at batch 8
+    saved = []
+    now = [0.0]
+    monkeypatch.setattr(train.Run, "save", lambda self, step: saved.append((step, now[0])))
+    monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
+    real = train.train_step
+
+    def step_of_25_s(*a, **k):
+        now[0] += 25.0
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_step", step_of_25_s)
+    run(TINY + ["--data-dir", data, "--output-dir", str(tmp_path / "r"), "--epochs", "5",
+                "--save-every-minutes", "1"])
+    assert saved == [(4, 100.0), (8, 200.0), (10, 250.0)]
+    summary = json.load(open(tmp_path / "r" / "summary.json"))
+    assert summary["steps"] == 10 and summary["seconds"] == 250.0  # first step to last, on the same clock
+    assert summary["img_s_end_to_end"] == round(10 * 8 / 250.0, 1)
 
 
 @pytest.mark.parametrize("script", ["train", "eval"])
