@@ -34,7 +34,8 @@ CHANGES = [
     ("colour", "colour strength 0.5", ["--jitter-strength", "0.5"]),
     ("lr", "LARS rate 2.4", ["--lr", "2.4"]),
     ("lr", "LARS rate 9.6", ["--lr", "9.6"]),
-    ("init", "torchvision init", ["--init", "torchvision"]),  # the official code's init is the default
+    # the official code's init is the default
+    ("init", "torchvision init", ["--init", "torchvision"]),
 ]
 # steps of each architecture's speed measurement; the first window (compiling) is left out
 CALIBRATION_STEPS = 60

@@ -1,7 +1,8 @@
-"""The GPU check in one command: the CUDA tests, bench.py, train.py for 300 steps on a synthetic 96 px folder
-(batch 512 eager and compiled, batch 1024) and eval_linear.py, each part under its own timeout, all within 8
-minutes with a cold compile. Data, checkpoints and caches stay outside OUT, which gets one small archive
-(logs, summary.json, the runs' metrics); the last lines printed are the table of results.
+"""The GPU check in one command: the CUDA tests, bench.py, train.py for 300 steps on a synthetic
+96 px folder (batch 512 eager and compiled, batch 1024) and eval_linear.py, each part under its own
+timeout, all within 8 minutes with a cold compile. Data, checkpoints and caches stay outside OUT,
+which gets one small archive (logs, summary.json, the runs' metrics); the last lines printed are the
+table of results.
 
     make gpu-check OUT=dir        # python .ci/gpu_check.py --out dir
     make gpu-check-cpu OUT=dir    # the same parts at tiny sizes on the CPU: CI's dry run
@@ -19,15 +20,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Each part and its budget in seconds on one GPU (H100/H200 class), the timeout it runs under. The sum is
-# the check's budget: 455 s, under 8 minutes, so that one 10-minute command holds it with room to spare.
+# Each part and its budget in seconds on one GPU (H100/H200 class), the timeout it runs under. The
+# sum is the check's budget: 455 s, under 8 minutes, so that one 10-minute command holds it with
+# room to spare.
 PARTS = [
     ("versions", 15),  # import torch, name the GPU
     ("cuda_tests", 75),  # pytest -m cuda: each test a few short runs
     ("bench", 45),  # bench.py: augmentation, loss, model and full step, 30 steps each
     ("data", 20),  # 4096 PNGs of 96 px written once, reused by a second check
     ("train_b512", 45),  # 300 steps at ~10k img/s, plus start-up and decoding the folder
-    ("train_b512_compile", 180),  # a cold torch.compile of the model and the augmentation: 2-3 minutes
+    # a cold torch.compile of the model and the augmentation: 2-3 minutes
+    ("train_b512_compile", 180),
     ("train_b1024", 45),
     ("eval", 30),  # eval_linear.py on train_b512's checkpoint
 ]
@@ -37,8 +40,8 @@ GPU = dict(device="cuda", images=4096, size=96, batch=512, big_batch=1024, steps
            bench=[], scale=1.0)
 # the CPU dry run: the same commands at sizes that run in seconds; compiling on 2 cores takes longer
 CPU = dict(device="cpu", images=64, size=32, batch=16, big_batch=32, steps=4, width=0.125,
-           bench=["--batch-size", "4", "--aug-batch", "8", "--steps", "1", "--reps", "1", "--workers", "0",
-                  "--width", "0.125", "--image-size", "32"], scale=4.0)
+           bench=["--batch-size", "4", "--aug-batch", "8", "--steps", "1", "--reps", "1",
+                  "--workers", "0", "--width", "0.125", "--image-size", "32"], scale=4.0)
 
 
 def get_args_parser():
@@ -55,26 +58,27 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     runs = os.path.join(args.work, "runs")
     logs = os.path.join(args.work, "logs")
-    shutil.rmtree(runs, ignore_errors=True)  # a fresh run folder: never resume an earlier check's last.pt
+    # a fresh run folder: never resume an earlier check's last.pt
+    shutil.rmtree(runs, ignore_errors=True)
     shutil.rmtree(logs, ignore_errors=True)
     os.makedirs(logs)
     os.makedirs(runs)
     data = os.path.join(args.work, f"data-{size['size']}-{size['images']}")
     py = sys.executable
-    train = [py, "train.py", "--dataset", "folder", "--data-dir", data, "--image-size", str(size["size"]),
-             "--width", str(size["width"]), "--device", size["device"], "--max-steps", str(size["steps"]),
-             "--log-every", "50"]
+    train = [py, "train.py", "--dataset", "folder", "--data-dir", data,
+             "--image-size", str(size["size"]), "--width", str(size["width"]),
+             "--device", size["device"], "--max-steps", str(size["steps"]), "--log-every", "50"]
     commands = {
-        "versions": [py, "-c", "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, "
-                               "'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"],
+        "versions": [py, "-c", VERSIONS],
         "cuda_tests": [py, "-m", "pytest", "-q", "-m", "cuda", "tests"],
-        "bench": [py, "bench.py", "--device", size["device"], "--out", os.path.join(runs, "bench.json")]
-                 + size["bench"],
+        "bench": [py, "bench.py", "--device", size["device"],
+                  "--out", os.path.join(runs, "bench.json")] + size["bench"],
         "data": [py, "-c", WRITE_FOLDER, data, str(size["images"]), str(size["size"])],
         "train_b512": train + ["--batch-size", str(size["batch"]), "--output-dir", f"{runs}/b512"],
         "train_b512_compile": train + ["--batch-size", str(size["batch"]), "--compile",
                                        "--output-dir", f"{runs}/b512_compile"],
-        "train_b1024": train + ["--batch-size", str(size["big_batch"]), "--output-dir", f"{runs}/b1024"],
+        "train_b1024": train + ["--batch-size", str(size["big_batch"]),
+                                "--output-dir", f"{runs}/b1024"],
         "eval": [py, "eval_linear.py", "--ckpt", f"{runs}/b512/last.pt", "--device", size["device"],
                  "--output-dir", f"{runs}/eval", "--neighbours", "0"],
     }
@@ -87,12 +91,13 @@ def main(args):
         log = os.path.join(logs, f"{name}.log")
         with open(log, "w") as f:
             try:
-                rc = subprocess.run(commands[name], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=timeout).returncode
+                rc = subprocess.run(commands[name], cwd=ROOT, env=env, stdout=f,
+                                    stderr=subprocess.STDOUT, timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         seconds = time.time() - t0
-        results.append(dict(part=name, ok=rc == 0, rc=rc, seconds=round(seconds, 1), budget=timeout))
+        results.append(dict(part=name, ok=rc == 0, rc=rc, seconds=round(seconds, 1),
+                            budget=timeout))
         print(f"   {'pass' if rc == 0 else 'FAIL'} ({rc}) in {seconds:.0f} s; {log}", flush=True)
     summary = collect(results, runs, logs)
     table = format_table(summary)
@@ -102,10 +107,13 @@ def main(args):
     return 0 if all(r["ok"] for r in results) else 1
 
 
+VERSIONS = ("import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', "
+            "torch.cuda.get_device_name() if torch.cuda.is_available() else None)")
 WRITE_FOLDER = """
 import os, sys, torch, torchvision
 root, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-if not os.path.isdir(root):  # a synthetic image folder with two classes (train/ and test/): no download
+# a synthetic image folder with two classes (train/ and test/): no download
+if not os.path.isdir(root):
     g = torch.Generator().manual_seed(0)
     for split, count in (("train", n), ("test", max(8, n // 8))):
         for i in range(count):
@@ -147,15 +155,16 @@ def format_table(summary):
         figures["bench"] = [
             f"augmentation {bench['aug_batched_img_s']:.0f} img/s (batched), "
             f"{bench['aug_per_image_img_s']:.0f} (per image)",
-            f"model only {bench['model_only_img_s']:.0f} img/s, full step {bench['step_img_s']:.0f} img/s, "
-            f"{bench['step_tflop_s']:.1f} TFLOP/s{peak}"]
+            f"model only {bench['model_only_img_s']:.0f} img/s, "
+            f"full step {bench['step_img_s']:.0f} img/s, {bench['step_tflop_s']:.1f} TFLOP/s{peak}"]
     for name, run in summary["runs"].items():
         peak = f", peak {run['peak_gpu_mib']} MiB" if run.get("peak_gpu_mib") is not None else ""
         figures[f"train_{name}"] = [
             f"{run['steps']} steps: {run['img_s_windows_median']} img/s (windows), "
             f"{run['img_s_end_to_end']} end to end, saves {100 * run['save_share']:.1f}%{peak}"]
     if summary.get("eval_top1") is not None:
-        figures["eval"] = [f"linear probe top-1 {summary['eval_top1']} (synthetic images: any value)"]
+        top1 = summary["eval_top1"]
+        figures["eval"] = [f"linear probe top-1 {top1} (synthetic images: any value)"]
     figures["versions"] = summary["versions"]
     lines = [f"{'part':<20} {'result':<7} {'seconds':>8} {'budget':>7}  figures"]
     total = 0.0
@@ -163,7 +172,8 @@ def format_table(summary):
         total += r["seconds"]
         result = "pass" if r["ok"] else f"FAIL {r['rc']}"
         rows = figures.get(r["part"], [""])
-        lines.append(f"{r['part']:<20} {result:<7} {r['seconds']:>8.0f} {r['budget']:>7.0f}  {rows[0]}")
+        cells = f"{r['part']:<20} {result:<7} {r['seconds']:>8.0f} {r['budget']:>7.0f}"
+        lines.append(f"{cells}  {rows[0]}")
         lines += [f"{'':<45}{row}" for row in rows[1:]]
     failed = [r["part"] for r in summary["parts"] if not r["ok"]]
     lines.append(f"{'total':<20} {'pass' if not failed else 'FAIL':<7} {total:>8.0f} "
@@ -173,7 +183,8 @@ def format_table(summary):
 
 
 def pack(out, summary, table, runs, logs, tail_bytes=200_000):
-    """OUT/gpu-check.tar.gz: summary.json, table.txt, the last 200 kB of each log, each run's metrics."""
+    """OUT/gpu-check.tar.gz: summary.json, table.txt, the last 200 kB of each log, each run's
+    metrics."""
     archive = os.path.join(out, "gpu-check.tar.gz")
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "summary.json"), "w") as f:
