@@ -1,7 +1,6 @@
 """SimCLR's data augmentation (arXiv 2002.05709, appendix A): two random views of each image from
-crop + flip, colour distortion, grayscale, Gaussian blur and optional rotation and solarization, per
-image (SimCLRTransform, torchvision.transforms.v2) or for a whole batch on the device
-(BatchAugment)."""
+crop, flip, colour distortion, grayscale, blur (and rotation, solarization), per image with
+torchvision.transforms.v2 (SimCLRTransform) or for a whole batch on the device (BatchAugment)."""
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,8 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class View:
-    """What a network is fed: square images of `size` px, normalised with the dataset's channel mean
-    and std."""
+    """What a network is fed: square images of `size` px, normalised by channel mean and std."""
     size: int
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -31,8 +29,8 @@ class View:
                            v2.Normalize(self.mean, self.std)])
 
     def batch(self, images):
-        """transform() for a batch: uint8 (B, C, H, W), C 1 or 3 -> normalised float (B, 3, size,
-        size)."""
+        """transform() for a batch: uint8 (B, C, H, W), C 1 or 3 -> normalised float
+        (B, 3, size, size)."""
         x = images.float() / 255
         h, w = x.shape[-2:]
         if h != self.size or w != self.size:  # resize the short side to size, then centre-crop
@@ -59,10 +57,10 @@ class View:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The distributions of the augmentation; the defaults are the paper's ImageNet recipe. s:
-    colour distortion strength, ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with probability jitter_p
-    (the paper uses s = 0.5 on CIFAR). blur_p: None means 0.5, and 0 (no blur) for views of 32 px or
-    less, as in the paper's CIFAR recipe. rotate_p: a rotation by 90, 180 or 270 degrees (the
+    """The distributions of the augmentation; the defaults are the paper's ImageNet recipe.
+    s: colour distortion strength, ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with probability jitter_p
+    (the paper uses s = 0.5 on CIFAR). blur_p: None means 0.5, and 0 (no blur) for views of 32 px
+    or less, as in the paper's CIFAR recipe. rotate_p: a rotation by 90, 180 or 270 degrees (the
     paper's 'rotate'; off by default). solarize_p: solarization (not in SimCLR v1; BYOL uses it)."""
     s: float = 1.0
     crop_scale: tuple = (0.08, 1.0)
@@ -150,19 +148,18 @@ def enlarge(images, min_side):
 
 
 # --------------------------------------------------------------------------------------------------
-# Batched augmentation: every op takes a float batch (B, C, H, W) in [0, 1] and per-sample
-# parameters (B,).
+# Batched augmentation: every op takes a float batch (B, C, H, W) in [0, 1] and parameters (B,).
 
 def crop_coords(boxes, size, height, width, flip=None):
-    """grid_sample coordinates in [-1, 1] (align_corners=False) of crop boxes (B, 4) = (top, left,
-    height, width) resized to size x size: (gx (B, S), gy (B, S)). Bilinear like torchvision's
-    resize of the cropped pixels, whose edge pixels are clamped to the box; flip (B,) bool mirrors
-    the columns. height, width: the size of the image the boxes are drawn on, ints or (B,) tensors;
-    the coordinates are fractions of that image, so they read the same points from any resize of it
-    (a folder image stored as a square)."""
+    """grid_sample coordinates in [-1, 1] (align_corners=False) of crop boxes (B, 4) =
+    (top, left, height, width) resized to size x size: (gx (B, S), gy (B, S)). Bilinear like
+    torchvision's resize of the cropped pixels, whose edge pixels are clamped to the box; flip (B,)
+    bool mirrors the columns. height, width: the size of the image the boxes are drawn on, ints or
+    (B,) tensors; the coordinates are fractions of that image, so they read the same points from any
+    resize of it (a folder image stored as a square)."""
     top, left, h, w = boxes.float().unbind(1)  # (B,) each
     t = torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5  # output pixel centres
-    # (B, S) pixels
+    # (B, S): the source pixel of each output column (gx) and row (gy), clamped to the box
     gx = left[:, None] + (t * w[:, None] / size - 0.5).clamp(min=0).minimum(w[:, None] - 1)
     gy = top[:, None] + (t * h[:, None] / size - 0.5).clamp(min=0).minimum(h[:, None] - 1)
     if flip is not None:
@@ -174,9 +171,9 @@ def crop_coords(boxes, size, height, width, flip=None):
 
 
 def sample_grid(gx, gy, rot=None):
-    """(B, S, S, 2) grid from the separable coordinates; rot (B,) turns the output by rot x 90
-    degrees counter-clockwise (torch.rot90), by reading the coordinates along the other axis,
-    reversed as needed."""
+    """(B, S, S, 2) grid from the separable coordinates; rot (B,) turns the output by
+    rot x 90 degrees counter-clockwise (torch.rot90), by reading the coordinates along the other
+    axis, reversed as needed."""
     b, size = gx.shape
 
     def along_columns(v):  # (B, S) -> (B, S, S), varying along the columns
@@ -198,9 +195,8 @@ def sample_grid(gx, gy, rot=None):
 
 
 def resized_crop(x, boxes, size, flip=None, rot=None):
-    """Crop, resize (no antialiasing: a box larger than `size` is sampled bilinearly, where
-    torchvision's antialiased resize would average more pixels), flip and rotate, in one
-    grid_sample."""
+    """Crop, resize, flip and rotate in one grid_sample (no antialiasing: a box larger than `size`
+    is sampled bilinearly, where torchvision's antialiased resize would average more pixels)."""
     gx, gy = crop_coords(boxes, size, x.shape[2], x.shape[3], flip)
     grid = sample_grid(gx, gy, rot)  # (B, S, S, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -237,8 +233,7 @@ def color_affine(x, mat, coef, w):
     """clamp(mat @ pixel + coef * mean luma, 0, 1) for every pixel: a different colour map per
     sample in one batched matmul. x (B, C, H, W), mat (B, C, C), coef (B,), w luma weights (C,)."""
     b, c, h, wd = x.shape
-    # a product and a sum over C rather than a matmul, whose rounding depends on B: the same view in
-    # any chunk
+    # a product and a sum over C, not a matmul (its rounding depends on B): same view in any chunk
     mean_luma = (x.mean(dim=(2, 3)) * w).sum(1)  # (B,)
     offset = (coef * mean_luma).view(b, 1, 1).expand(b, c, 1)  # (B, C, 1)
     y = torch.baddbmm(offset, mat, x.reshape(b, c, h * wd))  # (B, C, C) @ (B, C, H W)
@@ -260,8 +255,8 @@ adjust_saturation = _adjust(2)
 
 def adjust_hue(x, f):
     """Shift the hue by f (B,) turns, f in [-0.5, 0.5], keeping HSV saturation and value, as
-    torchvision's RGB -> HSV -> RGB round trip but without forming S: each channel is v - chroma *
-    ramp(hue position). Arithmetic masks instead of torch.where, which is slow on the CPU."""
+    torchvision's RGB -> HSV -> RGB round trip but without forming S: each channel is
+    v - chroma * ramp(hue position). Arithmetic masks: torch.where is slow on the CPU."""
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(1)  # (B, H, W) each
@@ -324,9 +319,9 @@ class Compiled:
 class BatchAugment(torch.nn.Module):
     """SimCLRTransform for a whole batch on any device: uint8 or float (B, C, H, W), C 1 or 3 -> one
     normalised view (B, 3, size, size), each sample with its own parameters drawn from the recipe's
-    distributions as torchvision draws them, in vectorised ops (no Python loop over samples). Call
-    it twice, or on the batch twice, for two views. Colour jitter keeps torchvision's random order
-    of the four ops, per sample."""
+    distributions as torchvision draws them, in vectorised ops (no Python loop over samples). Two
+    views: call it on the batch concatenated with itself (or twice). Colour jitter keeps
+    torchvision's random order of the four ops, per sample."""
 
     def __init__(self, view, recipe=Recipe(), compile=False):
         super().__init__()
@@ -337,7 +332,7 @@ class BatchAugment(torch.nn.Module):
         self.recipe = recipe
         self.blur_p = recipe.blur_probability(view.size)
         self.kernel_size = blur_kernel_size(view.size)
-        # CPU: pixels per chunk, so that its passes stay in the cache
+        # CPU: bytes of float pixels per chunk (4 MiB), so that its passes stay in the cache
         self.cpu_chunk_bytes = 4 << 20
         self.hue = Compiled(adjust_hue) if compile else adjust_hue
         self.finish = Compiled(finish) if compile else finish
@@ -353,17 +348,15 @@ class BatchAugment(torch.nn.Module):
         def rand(*shape):
             return torch.rand(*shape, generator=generator, device=device)
 
-        # (B,) float32: exact below 2^24, so the float32 ops below are those of an int side
         def per_sample(side):
+            """(B,) float32: exact below 2^24, so float32 ops on it are those of an int side."""
             if isinstance(side, torch.Tensor):
                 return side.to(device, torch.float32).expand(b)
-            # filled there, no host copy
-            return torch.full((b,), side, dtype=torch.float32, device=device)
+            return torch.full((b,), side, dtype=torch.float32, device=device)  # no host copy
 
         height = per_sample(height)
         width = per_sample(width)
-        # RandomResizedCrop: 10 tries of (area scale, log aspect ratio); the first that fits, else
-        # the centre
+        # RandomResizedCrop: 10 tries of (area scale, log aspect ratio); first fit, else the centre
         area = (height * width)[:, None]  # (B, 1)
         scale = r.crop_scale[0] + (r.crop_scale[1] - r.crop_scale[0]) * rand(b, 10)
         lo, hi = math.log(r.crop_ratio[0]), math.log(r.crop_ratio[1])
@@ -431,7 +424,7 @@ class BatchAugment(torch.nn.Module):
             height, width = p["sizes"].unbind(1)  # (B,) each
         gx, gy = crop_coords(p["boxes"], self.size, height, width, p["flip"])  # (B, S) each
         w = luma_weights(c, gx.device)
-        # (B, 4); 4: skip
+        # op (B, 4): the colour op of each round per sample; 4 (skip) where jitter is off
         op = torch.where(p["jitter"][:, None], p["order"], torch.full_like(p["order"], 4))
         rounds = []
         for t in range(4 if r.jitter_p > 0 and r.s > 0 else 0):
@@ -439,8 +432,8 @@ class BatchAugment(torch.nn.Module):
             f = p["factors"].gather(1, op[:, t].clamp(max=3)[:, None])[:, 0]
             hue = torch.where(op[:, t] == 3, f, torch.zeros_like(f))
             rounds.append((*color_maps(op[:, t], f, w), hue))
-        # the samples that need hue in each round, and blur, as index tensors (one host read if p is
-        # on a GPU)
+        # index tensors of the samples that need hue in each round, and blur
+        # (one host read when p is on a GPU)
         masks = [op[:, t] == 3 for t in range(len(rounds))] if c == 3 else []
         masks.append(p["sigma"] > 0 if self.blur_p > 0 else torch.zeros_like(p["flip"]))
         counts = torch.stack([m.sum() for m in masks]).tolist()
@@ -483,8 +476,7 @@ class BatchAugment(torch.nn.Module):
 
 
 def _to_device(obj, device):
-    """Tensors (in dicts, lists, tuples) to `device`; to a GPU from pinned memory, without
-    blocking."""
+    """Tensors (in dicts, lists, tuples) to `device`; to a GPU from pinned memory, non-blocking."""
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

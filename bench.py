@@ -1,19 +1,15 @@
-"""Throughput of the SimCLR pipeline (arXiv 2002.05709): two-view augmentation batched vs per image,
-the NT-Xent loss, train.py's step on ready views and the full step. Prints a table and writes
-bench.json.
+"""Throughput of the SimCLR pipeline (arXiv 2002.05709): two-view augmentation batched vs per
+image, the NT-Xent loss, train.py's step on ready views and the full step; a table and bench.json.
 
     python bench.py                    # STL-10's recipe at 96 px, ResNet-18; minutes on a CPU
     python bench.py --arch resnet50 --width 0.25 --stem-stride 2 --image-size 28 --batch-size 256
     python bench.py --memory           # peak memory of a step, plain vs --micro-batch
-
-
 """
 import argparse
 import ctypes
 import datetime
 import json
 import multiprocessing
-
 import platform
 import statistics
 import time
@@ -207,7 +203,8 @@ def main(args):
             ("  batched / per image", f"{res['aug_speedup']:.1f}x"),
             ("NT-Xent forward+backward, 2N=512", f"{loss_ms[512]:.2f} ms"),
             ("NT-Xent forward+backward, 2N=4096", f"{loss_ms[4096]:.2f} ms"),
-            ("model only (fwd+bwd+LARS on ready views)", f"{res['model_only_img_s']:.0f} img/s"),
+            ("model only (fwd+bwd+optimiser on ready views)",
+             f"{res['model_only_img_s']:.0f} img/s"),
             ("full training step (data+aug+model)", f"{res['step_img_s']:.0f} img/s"),
             ("  full step / model only", f"{res['step_over_model']:.2f}x"),
             ("  breakdown per step: data / augment / model",
@@ -323,7 +320,7 @@ def step_memory(args, batch, micro):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak resident set starts again from the current one
         base = proc_status("VmRSS")
-    # (2N, 3, S, S)
+    # the views of one step of `batch` images: (2N, 3, S, S)
     views = torch.randn(2 * batch, 3, args.image_size, args.image_size, device=device)
     train.train_step(model, views, opt, scaler, dtype, with_micro_batch(args, micro))
     if device.type == "cuda":

@@ -1,7 +1,6 @@
-"""Datasets for SimCLR (arXiv 2002.05709): STL-10, CIFAR-10/100 and Fashion-MNIST through
-torchvision's own loaders, and a folder of images; each sample is (RGB PIL image or transformed
-image, label, -1 when unlabelled). A dataset that fits in memory is also held whole as one uint8
-tensor and batched by index (ResidentImages)."""
+"""Datasets for SimCLR (arXiv 2002.05709): STL-10, CIFAR-10/100, Fashion-MNIST (torchvision's own
+loaders) and a folder of images, each sample (RGB image, label or -1); a dataset that fits in memory
+is also held as one uint8 tensor and batched by index (ResidentImages, TwoViewBatches)."""
 import gzip
 import hashlib
 import itertools
@@ -16,8 +15,8 @@ from PIL import Image
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's package dataset-fashion-mnist
 
-# name -> default image size, normalisation, pretraining split, number of classes, how to get it
 NETWORK = "or run once with network access so torchvision downloads it"
+# name -> default image size, normalisation, pretraining split, number of classes, how to get it
 DATASETS = {
     "stl10": dict(size=96, mean=(0.4467, 0.4398, 0.4066), std=(0.2603, 0.2566, 0.2713),
                   pretrain_split="train+unlabeled", num_classes=10,
@@ -151,8 +150,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 class ReadableImage:
     """is_valid_file for torchvision's ImageFolder: an image extension and a header PIL can read;
-    the rest is counted in `skipped`, so that a broken file costs one warning instead of a crash
-    mid-epoch."""
+    the rest is counted in `skipped`: a broken file costs one warning, not a crash mid-epoch."""
 
     def __init__(self):
         self.skipped = []
@@ -322,8 +320,8 @@ def whole_images(dataset, size=None):
 def whole_side(size):
     """Side of the square a folder image is stored in for views of `size`: ceil(1.25 size). A crop
     of 64% of the image or more is then read at or above the view's resolution and the median crop
-    (about half the area, 0.71 of each side) enlarged only 1.13x, for 1.56x the memory of a size x
-    size image."""
+    (about half the area, 0.71 of each side) enlarged only 1.13x, for 1.56x the memory of a
+    size x size image."""
     return math.ceil(1.25 * size)
 
 
@@ -333,7 +331,7 @@ def available_memory():
     found = []
     try:
         with open("/proc/meminfo") as f:
-            # kB
+            # /proc/meminfo gives MemAvailable in kB
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except OSError:
         pass
@@ -404,8 +402,8 @@ def pin_before_copy(src, dst):
 class ResidentImages:
     """A dataset held as one uint8 tensor (N, C, H, W): on `device` when it fits in a third of the
     free device memory, else in pinned host memory (CUDA) or plain host memory (CPU). batch(idx)
-    gathers by index. device: a torch.device with its index, as tensors report it (cuda:0, not
-    cuda)."""
+    gathers by index. device: a torch.device with its index, as tensors report it: cuda:0, not
+    cuda (harness.check_device resolves it)."""
 
     def __init__(self, images, labels, device):
         self.device = torch.device(device)
@@ -461,8 +459,7 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (shuffle, drop_last, set_epoch) that can start an epoch after `skip`
-    samples."""
+    """DistributedSampler (shuffle, drop_last, set_epoch) starting an epoch after `skip` samples."""
     skip = 0
 
     def __iter__(self):
@@ -474,12 +471,12 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 class TwoViewBatches:
     """One rank's pretraining batches: (views (2n, 3, S, S) on `device`, labels (n,)), view 1 of
-    image i at row i and view 2 at row n + i. Either batched, `batch_augment(x, generator,
-    sizes=...)` (e.g. augment.BatchAugment) applied on the device to the dataset held as one uint8
-    tensor (whole_images: a folder's images whole, each crop box drawn on its original's size), its
-    parameters drawn from a CPU generator seeded by (seed, rank, epoch, step); or per image,
-    `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both walk the same
-    ResumableSampler order, so a resumed run sees the views an uninterrupted one would have seen."""
+    image i at row i and view 2 at row n + i. Either batched, by
+    `batch_augment(x, generator, sizes=...)` (e.g. augment.BatchAugment) applied on the device to
+    the dataset held as one uint8 tensor (whole_images: a folder's images whole, each crop box drawn
+    on its original's size), its parameters drawn from a CPU generator seeded by (seed, rank, epoch,
+    step); or per image, by `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both
+    walk the same ResumableSampler order: a resumed run sees what an uninterrupted one would."""
 
     def __init__(self, dataset, per_rank, rank, world, seed, device, batch_augment=None,
                  image_size=None, transform=None, workers=0, worker_init_fn=None):

@@ -64,10 +64,10 @@ def main(args):
     for enc in encoders:
         layers = len(enc.model.projector.dims) - 1 if enc.model is not None else 0
         if enc.name not in ("random", "pixels") and max(args.head_layers) > layers:
-            die(f"--head-layers {max(args.head_layers)}: the projection head of {args.ckpt[0]} has "
+            die(f"--head-layers {max(args.head_layers)}: the projection head of {enc.path} has "
                 f"{layers} layers: use 0 (h) to {layers} (z)")
     out = ev.output_dir(args)
-    # now, not after the work
+    # check that the results folder is writable now, not after the work
     make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")
     first = encoders[0].train_args
     data = ev.load_data(args, first, device)
@@ -141,8 +141,8 @@ def strongest_random(train_args, data, args, device, dtype):
 
 def frozen_features(name, net, data, device, dtype):
     """(training, evaluation) features of a frozen network in eval mode (None: the pixels), on
-    `device`; the network is checked bit-identical afterwards, BN statistics included (moco's lincls
-    check)."""
+    `device`; the network is checked bit-identical afterwards, BN statistics included, as moco's
+    lincls checks."""
     t0 = time.time()
     before = None
     if net is not None:
@@ -243,7 +243,7 @@ def framed(image, colour, min_side=84):
 # --------------------------------------------------------------------------------- the linear probe
 def linear_probe(xtr, ytr, xte, classes, weight_decays, seed=0):
     """Standardise with the training statistics, choose the weight decay on 10% of the training
-    images held out, refit on all of them, score `xte`. -> (logits of xte, the chosen weight decay)
+    images held out, refit on all of them, score `xte`. -> (logits of xte, the chosen weight decay).
     The choice walks the regularisation path from the strongest decay down, each fit warm-started
     from the previous one (as glmnet does), so PATH_ITERS L-BFGS iterations per decay are enough to
     rank them; the refit runs the full 200."""
@@ -273,8 +273,8 @@ def linear_probe(xtr, ytr, xte, classes, weight_decays, seed=0):
 
 
 def fit_logistic(x, y, classes, weight_decay, init=None, max_iter=200):
-    """Multinomial logistic regression by full-batch L-BFGS: mean cross-entropy + weight_decay / 2
-    ||W||^2. -> nn.Linear, started from zeros or from `init`'s weights"""
+    """Multinomial logistic regression by full-batch L-BFGS: mean cross-entropy +
+    weight_decay / 2 ||W||^2. -> nn.Linear, started from zeros or from `init`'s weights"""
     clf = torch.nn.Linear(x.shape[1], classes).to(x.device)
     if init is not None:
         clf.load_state_dict(init.state_dict())

@@ -1,7 +1,6 @@
-"""What SimCLR's evaluations share (arXiv 2002.05709, section 4 and appendix B): the encoders to
-evaluate, the labelled images with a validation split held out of training, the forward pass of a
-frozen network, kNN, and the results file, table and plots that eval_linear.py and finetune.py
-write."""
+"""What SimCLR's evaluations share (arXiv 2002.05709, section 4, appendix B): encoders from
+checkpoints, labelled images with a validation split held out of training, frozen forward passes,
+kNN, and the results file, table and plots of eval_linear.py and finetune.py."""
 import argparse
 import json
 import os
@@ -79,6 +78,7 @@ class Encoder:
     name: str  # "simclr" (or the checkpoint's folder when there are several), "random", "pixels"
     model: SimCLR  # None for the pixels
     train_args: dict  # the checkpoint's train.py args, with its train_seconds
+    path: str = None  # the checkpoint (random init: the one whose network it takes)
 
 
 def load_encoders(args, pixels=False):
@@ -94,13 +94,13 @@ def load_encoders(args, pixels=False):
         name = "simclr"
         if len(args.ckpt) > 1:
             name = os.path.basename(os.path.dirname(os.path.abspath(path))) or str(i)
-        encoders.append(Encoder(name, model, train_args))
+        encoders.append(Encoder(name, model, train_args, path))
     if args.random_init:
         if not encoders:
             die("--random-init takes the architecture of a checkpoint: pass --ckpt PATH too")
         first = encoders[0].train_args
         model = random_network(first, args.seed)
-        encoders.append(Encoder("random", model, dict(first, train_seconds=0.0)))
+        encoders.append(Encoder("random", model, dict(first, train_seconds=0.0), args.ckpt[0]))
     if pixels:
         first = encoders[0].train_args if encoders else {}
         encoders.append(Encoder("pixels", None, dict(first, arch="pixels", train_seconds=0.0)))
@@ -111,9 +111,8 @@ def load_encoders(args, pixels=False):
 
 
 def random_network(train_args, seed, zero_init_residual=True):
-    """The checkpoint's network with random weights. zero_init_residual: each block's last BN starts
-    at zero, as pretraining starts (official init_zero); False: every residual branch
-    contributes."""
+    """The checkpoint's network with random weights. zero_init_residual: each block's last BN
+    starts at zero, as pretraining starts (init_zero); False: every residual branch contributes."""
     torch.manual_seed(seed)
     return SimCLR.from_args(train_args, zero_init_residual=zero_init_residual)
 
@@ -135,9 +134,8 @@ class Labelled:
 
 
 def load_data(args, train_args, device):
-    """The training images and the images results are reported on: the test split, or with --eval-on
-    val a class-balanced part of the training split held out (then the test split is never
-    opened)."""
+    """The training images and the images results are reported on: the test split, or with
+    --eval-on val a class-balanced part of the training split held out (the test split unopened)."""
     dataset = args.dataset or train_args["dataset"]
     data_dir = args.data_dir
     if data_dir is None and dataset == train_args.get("dataset"):
@@ -169,16 +167,16 @@ def load_data(args, train_args, device):
 
 
 def random_subset(n, k, seed):
-    """Indices of k of n items drawn with the seed, in their order (all of them when k is None or >=
-    n)."""
+    """Indices of k of n items drawn with the seed, in their order (all of them when k is None or
+    k >= n)."""
     if k is None or k >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
 def balanced_subset(labels, fraction, seed):
-    """Indices of a class-balanced subset: round(fraction * n_c) (at least 1) images of each class
-    c."""
+    """Indices of a class-balanced subset: round(fraction * n_c) (at least 1) images of each
+    class c."""
     if fraction >= 1:
         return torch.arange(len(labels))
     gen = torch.Generator().manual_seed(seed)
@@ -204,8 +202,8 @@ def forward_batches(net, images, view, device, dtype=None, batch_size=512, desc=
 
 
 class Pixels(torch.nn.Module):
-    """The normalised pixels as features, in the image's own channels: (B, 3, S, S) -> (B, C
-    S^2)."""
+    """The normalised pixels as features, in the image's own channels:
+    (B, 3, S, S) -> (B, C S^2)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -265,14 +263,14 @@ def fit_bn_statistics(encoder, images, view, device, dtype=None):
 
 @torch.no_grad()
 def knn_predict(xtr, ytr, xte, classes, k=200, t=0.07, chunk=1024):
-    """Class scores of a weighted kNN (InstDisc): cosine similarity, the k nearest vote with exp(sim
-    / t)."""
+    """Class scores of a weighted kNN (InstDisc): cosine similarity, the k nearest vote with
+    exp(sim / t)."""
     xtr = F.normalize(xtr, dim=1)
     xte = F.normalize(xte, dim=1)
     k = min(k, len(xtr))
     scores = []
     for i in range(0, len(xte), chunk):
-        # (b, k) of the (b, N_train) similarities
+        # sim, idx (b, k): the k largest of the (b, N_train) similarities of each query
         sim, idx = (xte[i:i + chunk] @ xtr.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), classes, device=xte.device)
         scores.append(votes.scatter_add_(1, ytr[idx], (sim / t).exp()))  # (b, classes)
@@ -301,8 +299,8 @@ def results_path(out, data):
 
 def save_results(out, data, args, rows, script, seconds, train_args, plots=()):
     """Add this script's rows to OUT/eval_DATASET[_val].json, which keeps the rows of the other
-    evaluation script when they were made on the same checkpoint (make demo runs both). -> the
-    summary it holds."""
+    evaluation script when they were made on the same checkpoint (make demo runs both).
+    -> (the summary it holds, its path)"""
     path = results_path(out, data)
     ckpt = args.ckpt[0] if args.ckpt else None
     summary = {}
@@ -414,8 +412,7 @@ def plot_label_fractions(rows, out, data):
 
 
 def finish(out, data, args, rows, script, t0, train_args, plots=()):
-    """The end of an evaluation script: the table, the results file, and its summary as the last
-    line."""
+    """The end of an evaluation script: the table, the results file, its summary as last line."""
     plots = [p for p in plots if p]
     print_table(rows, data)
     summary, path = save_results(out, data, args, rows, script, time.time() - t0, train_args, plots)

@@ -86,11 +86,11 @@ def main(args):
     for enc in encoders:
         layers = len(enc.model.projector.dims) - 1
         if deepest >= layers:
-            die(f"--head-layers {deepest}: {args.ckpt[0]} has a projection head of {layers} "
+            die(f"--head-layers {deepest}: {enc.path} has a projection head of {layers} "
                 f"layers, so fine-tuning can keep 0 to {layers - 1} of them (train with "
                 "--proj-layers 3 for SimCLRv2's head)")
     out = ev.output_dir(args)
-    # now, not after the work
+    # check that the results folder is writable now, not after the work
     make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")
     first = encoders[0].train_args
     data = ev.load_data(args, first, device)
@@ -139,8 +139,8 @@ def finetune_protocol(name, model, train_args, data, args, device, out):
 
 def finetune(model, head_layers, labelled, data, args, device, epochs, lr):
     """Fine-tune a copy of the encoder and of the head's first `head_layers` layers under a new
-    linear classifier, on the training images `labelled` (indices) and their labels. -> ({epoch:
-    top-1}, logits of the evaluation images, the fine-tuned network)"""
+    linear classifier, on the training images `labelled` (indices) and their labels.
+    -> ({epoch: top-1}, logits of the evaluation images, the fine-tuned network)"""
     net = supervised_net(model, head_layers, data.classes)
     labels = data.train_labels[labelled].to(device)
 
@@ -199,7 +199,7 @@ def train_net(net, images, loss_fn, data, args, device, epochs, lr):
         perm = torch.randperm(len(images), generator=gen)
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
-            # (B, 3, S, S)
+            # the augmented views (B, 3, S, S)
             x = aug(images[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
                 loss = loss_fn(net(x), idx, x)
@@ -226,8 +226,8 @@ def distill_loss(student_logits, teacher_logits, tau=1.0):
 def distill(teacher, student, labelled, data, args, device, lr):
     """Train `student` on every training image to match the frozen teacher's softened predictions on
     the same view (no labels), plus with --distill-alpha < 1 the labelled loss of the images
-    `labelled`: their labels are the only ones read. -> ({epoch: top-1}, logits of the evaluation
-    images)"""
+    `labelled`: their labels are the only ones read.
+    -> ({epoch: top-1}, logits of the evaluation images)"""
     teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     known = torch.full((len(data.train_images),), -1, dtype=torch.long)  # -1: no label, ignored
     known[labelled] = data.train_labels[labelled]
@@ -249,8 +249,7 @@ def distill(teacher, student, labelled, data, args, device, lr):
 
 # ------------------------------------------------------------------------------------------ outputs
 def save_network(net, out, stem, train_args, head_layers, args):
-    """With --save-finetuned: OUT/STEM.pt, the classifier network (encoder, head layers,
-    classifier)."""
+    """With --save-finetuned: OUT/STEM.pt, the network (encoder, head layers, classifier)."""
     if args.save_finetuned:
         state = {k: v.cpu() for k, v in net.state_dict().items()}
         save_checkpoint(os.path.join(out, stem + ".pt"),

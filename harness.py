@@ -28,8 +28,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def die(msg, every_rank=False):
-    """One actionable line on stderr, exit code 2, no traceback; under torchrun rank 0 speaks, or
-    every_rank."""
+    """One actionable line on stderr, exit code 2, no traceback; under torchrun rank 0 speaks (or
+    every rank with every_rank)."""
     rank = os.environ.get("RANK", "0")
     if rank == "0" or every_rank:
         several = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -40,8 +40,8 @@ def die(msg, every_rank=False):
 
 
 def checked(cast, ok, rule):
-    """An argparse type: cast(text), then ok(value), else the one-line error '--flag RULE, got
-    TEXT'."""
+    """An argparse type: cast(text), then ok(value), else the one-line error
+    '--flag RULE, got TEXT'."""
     def parse(text):
         value = cast(text)
         if not ok(value):
@@ -86,8 +86,7 @@ def add_device_flags(group):
 # ---------------------------------------------------------------------------------- devices and AMP
 def check_device(name):
     """The torch.device of --device, a bare 'cuda' with the current GPU's index (tensors report
-    cuda:0, and torch.device('cuda') != torch.device('cuda:0')), or one line why it cannot be
-    used."""
+    cuda:0, and torch.device('cuda') != torch.device('cuda:0')); or one line on why not."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -105,8 +104,8 @@ def check_device(name):
 
 
 def setup_distributed(name):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. -> (rank,
-    world, device)"""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process.
+    -> (rank, world, device)"""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, check_device(name)
     rank = int(os.environ["RANK"])
@@ -187,8 +186,8 @@ def load_checkpoint(path):
 
 
 def try_load(path):
-    """(checkpoint, None) or (None, why not in one line). weights_only=True: a checkpoint cannot run
-    code."""
+    """(checkpoint, None) or (None, why not in one line). weights_only=True: a checkpoint cannot
+    run code."""
     if not os.path.isfile(path):
         return None, (f"checkpoint {path} does not exist: check the path "
                       "(train.py writes OUTPUT_DIR/last.pt)")
@@ -238,8 +237,8 @@ def agree_on_resume(path, world):
 
 
 def changed_flags(old, new, ignore=()):
-    """{flag: (old value, new value)} of two vars(args) dicts, leaving out `ignore` and flags `old`
-    lacks."""
+    """{flag: (old value, new value)} of two vars(args) dicts, leaving out `ignore` and the flags
+    that `old` lacks."""
     def same(a, b):
         # a checkpoint keeps tuples or lists
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -250,8 +249,8 @@ def changed_flags(old, new, ignore=()):
 
 
 def load_model_state(model, ckpt, path, flags, wanted=None):
-    """Strict load; a checkpoint of another architecture is one line naming both by `flags` (arg
-    names)."""
+    """Strict load; a checkpoint of another architecture is one line naming both by `flags`
+    (arg names)."""
     def describe(a):
         return ", ".join(f"{k} {a.get(k)}" for k in flags if k in a)
     try:
@@ -316,8 +315,7 @@ def append_jsonl(path, row):
 
 
 def truncate_jsonl(path, step):
-    """Drop the rows logged after `step` (those of a run that is resumed from an earlier
-    checkpoint)."""
+    """Drop the rows logged after `step`: those of a run resumed from an earlier checkpoint."""
     if os.path.exists(path):
         keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
         with open(path, "w") as f:
@@ -325,8 +323,8 @@ def truncate_jsonl(path, step):
 
 
 def figure(panels, width=5.0, height=3.6):
-    """A matplotlib Figure (no pyplot: no GUI backend, no global state) and its row of `panels`
-    axes."""
+    """A matplotlib Figure and its row of `panels` axes (no pyplot: no GUI backend, no global
+    state)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width * panels, height))
     return fig, fig.subplots(1, panels, squeeze=False)[0]
@@ -383,8 +381,7 @@ class StopRequest:
             signal.signal(s, handler)
 
     def __bool__(self):
-        """Whether to stop now (under torchrun a collective: every rank calls it after the same
-        step)."""
+        """Whether to stop now; under torchrun a collective every rank calls after each step."""
         if self.group is None:
             return self.signal is not None
         flag = torch.tensor([self.signal is not None], dtype=torch.int32)

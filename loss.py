@@ -33,8 +33,7 @@ def nt_xent(z1, z2, temperature=0.5, gather=True, monitors=False):
     the loss is computed in float32 (float64 stays float64), also under autocast. temperature: tau.
     gather: when torch.distributed runs with world > 1, each rank's anchors are scored against the
     2N x world embeddings of all ranks; the gather passes gradients back to the rank that made them,
-    so after DDP averages gradients, loss and gradients equal those of one process on the whole
-    batch.
+    so that after DDP averages gradients, loss and gradients are one process's on the whole batch.
     monitors: also return {"contrastive_top1", "spread"}, label-free health monitors (no graph, no
     host sync): the share of anchors whose most similar candidate is their positive (ties count
     1 / the number tied, so a constant z scores chance, 1 / (2N world - 1)); and the per-dimension
@@ -95,15 +94,13 @@ def cached_backward(net, views, scaler, dtype, temperature, m,
         hs, zs = zip(*(net(part(i)) for i in starts))
     torch._foreach_copy_(buffers, saved)
 
-    # 2. The loss over the whole batch (nt_xent gathers the other ranks' z) and its gradient at z,
-    # scaled for fp16.
+    # 2. The loss over the whole batch (nt_xent gathers other ranks' z), its gradient at z (scaled)
     zc = torch.cat(zs).requires_grad_()  # (2n, d): micro-batch after micro-batch, [view 1; view 2]
     z = zc.view(k, 2, m, -1).transpose(0, 1).reshape(2 * n, -1)  # (2n, d) in the rows of `views`
     loss, monitors = nt_xent(z[:n], z[n:], temperature, monitors=True)
     grad, = torch.autograd.grad(scaler.scale(2 * loss), zc)  # (2n, d), micro-batch order
 
-    # 3. Each micro-batch again with its graph, its slice of dL/dz backpropagated; DDP reduces after
-    # the last only.
+    # 3. Each micro-batch again with its graph, its slice of dL/dz backpropagated (DDP: reduce once)
     DDP = torch.nn.parallel.DistributedDataParallel
     ddp = next((mod for mod in net.modules() if isinstance(mod, DDP)), None)
     for j, (i, g) in enumerate(zip(starts, grad.split(2 * m))):

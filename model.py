@@ -1,6 +1,5 @@
-"""SimCLR network: a torchvision ResNet encoder f(.) without its classifier and an MLP projection
-head g(.), as in "A Simple Framework for Contrastive Learning of Visual Representations" (arXiv
-2002.05709)."""
+"""SimCLR's network (arXiv 2002.05709): a torchvision ResNet encoder f(.) without its classifier and
+an MLP projection head g(.), as google-research/simclr builds them."""
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -86,11 +85,11 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1,
 
 class ProjectionHead(nn.Module):
     """g(h), as the official code builds it (google-research/simclr, model_util.projection_head):
-    `layers` linear layers, each but the last followed by BN and ReLU; the output layer has no bias
-    and, with out_bn, a BN with a scale but no shift (center=False). layers 2 is SimCLR's head, 3 is
-    SimCLRv2's. out_bn=False is the paper's formula W2 ReLU(BN(W1 h)) + b2. A linear layer followed
-    by BN has no bias: BN removes it. init "official": the linear layers N(0, 0.01) as the official
-    linear_layer; "torchvision": PyTorch's default (uniform, 1 / sqrt(fan_in))."""
+    `layers` linear layers, each but the last followed by BN and ReLU. With out_bn the output layer
+    has no bias and a BN with a scale but no shift (center=False); out_bn=False is the paper's
+    formula W2 ReLU(BN(W1 h)) + b2. A linear layer followed by BN has no bias: BN removes it.
+    layers 2 is SimCLR's head, 3 SimCLRv2's. init "official": the linear layers N(0, 0.01), as the
+    official linear_layer; "torchvision": PyTorch's default, uniform within 1 / sqrt(fan_in)."""
 
     def __init__(self, in_dim, proj_dim=128, hidden_dim=None, layers=2, out_bn=True,
                  init="official"):
@@ -207,7 +206,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         n = stats[-1]
         mean = stats[:c] / n  # (C,)
         d = xf - mean.view(shape)
-        var = AllReduceSum.apply((d * d).sum(dims)) / n  # (C,) biased, as BN normalises with
+        var = AllReduceSum.apply((d * d).sum(dims)) / n  # (C,) biased: BN normalises with it
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -215,7 +214,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 if m is None:  # a cumulative average, as torch's BN
                     m = 1 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
-                # unbiased
+                # running_var keeps the unbiased variance, as torch's BN
                 self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
         y = d * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:

@@ -1,14 +1,11 @@
-"""Recipe search on validation images for a short SimCLR run (arXiv 2002.05709, the paper's
-ablations at CPU scale): pretrain a base recipe and one change at a time, score each by the linear
-probe on images held out of the training split (eval_linear.py --eval-on val; the test split is
-never read), then combine the winning changes.
+"""Recipe search on validation images for a short SimCLR run (arXiv 2002.05709's ablations at CPU
+scale): pretrain a base recipe and one change at a time, score each by the linear probe on images
+held out of the training split (the test split is never read), then combine the winning changes.
 
     make search            # the demo's recipe and its candidates, two runs at a time
     python search.py --base "--dataset fashion-mnist ..." --out runs/search --jobs 2
 
-Writes OUT/search.md (the table) and OUT/search.json; rerunning the command skips the runs already
-scored.
-
+Writes OUT/search.md (the table) and OUT/search.json; rerunning skips the runs already scored.
 """
 import argparse
 import json
@@ -98,8 +95,8 @@ def flags_of(tokens):
 
 
 def flag_value(tokens, flag):
-    """The values after the last `flag` in a train.py argument list (argparse keeps the last), or
-    None."""
+    """The values after the last `flag` in a train.py argument list (argparse keeps the last);
+    None without it."""
     if flag not in tokens:
         return None
     i = len(tokens) - 1 - tokens[::-1].index(flag)
@@ -127,8 +124,7 @@ def equal_time_flags(base, name, change, steps, runner):
 
 
 class Runner:
-    """Runs train.py and eval_linear.py in fresh processes, each with its own folder and log under
-    `out`."""
+    """Runs train.py and eval_linear.py in fresh processes, each run with its folder and log."""
 
     def __init__(self, python, out, threads):
         self.python = python
@@ -152,8 +148,7 @@ class Runner:
                              f"{os.path.join(self.folder(name), 'search.log')}")
 
     def rate(self, name, argv):
-        """Median img/s of train.py's logged windows over CALIBRATION_STEPS steps, with every
-        thread."""
+        """Median img/s of train.py's logged windows over CALIBRATION_STEPS steps, all threads."""
         metrics = os.path.join(self.folder(name), "metrics.jsonl")
         if not os.path.exists(metrics):
             short = ["--max-steps", str(CALIBRATION_STEPS), "--log-every", "10",
@@ -165,8 +160,7 @@ class Runner:
         return self.rates[name]
 
     def score(self, name, argv):
-        """Validation top-1 of the linear probe on the run's encoder, and its pretraining
-        seconds."""
+        """The validation top-1 of the linear probe on the run's encoder, its pretraining time."""
         folder = self.folder(name)
         dataset = flag_value(argv, "--dataset")[0]
         result = os.path.join(folder, f"eval_{dataset}_val.json")

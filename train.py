@@ -1,7 +1,6 @@
 """SimCLR pretraining (arXiv 2002.05709): two augmented views per image, a ResNet encoder with an
-MLP head, the NT-Xent loss, LARS with warmup and cosine decay, in one hand-written AMP loop. The
-same file runs as `python train.py` and as `torchrun --nproc_per_node K train.py` (DDP, negatives
-from every rank)."""
+MLP head, the NT-Xent loss, LARS with warmup and cosine decay, in one hand-written AMP loop; the
+same file runs as `python train.py` and under `torchrun` (DDP, negatives from every rank)."""
 import argparse
 import json
 import logging
@@ -91,8 +90,8 @@ def get_args_parser():
                         "N(0, 0.01)); torchvision: kaiming fan-out and PyTorch's default (default: "
                         "%(default)s)")
     g.add_argument("--sync-bn", action=on_off,
-                   help="BN over all ranks' batch, the paper's global BN (default: on when world > "
-                        "1)")
+                   help="BN over the batch of all ranks, the paper's global BN (default: on with "
+                        "several ranks)")
 
     g = p.add_argument_group("augmentation (paper, appendix A)")
     g.add_argument("--jitter-strength", type=jitter_strength,
@@ -185,8 +184,8 @@ def get_args_parser():
 
 
 def resolve_args(args, world_size=1):
-    """Fill the dataset-dependent defaults in place; the flags themselves are checked by their
-    argparse types."""
+    """Fill the dataset-dependent defaults in place and check --batch-size and --micro-batch against
+    the ranks; the other flags are checked by their argparse types."""
     args.split = args.split or DATASETS[args.dataset]["pretrain_split"]
     if args.image_size is None:
         args.image_size = DATASETS[args.dataset]["size"]
@@ -214,8 +213,7 @@ def resolve_args(args, world_size=1):
 
 
 def main(args):
-    # torch.compile of the augmentation on a CPU-only machine warns that CUDA_HOME has no CUDA:
-    # noise
+    # a CPU-only torch.compile of the augmentation warns that CUDA_HOME has no CUDA: noise
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     rank, world, device = setup_distributed(args.device)
     try:
@@ -293,8 +291,7 @@ def train(args, rank, world, device):
 
 # --------------------------------------------------------------------------------------------- data
 def pretraining_data(args, world):
-    """The pretraining split; under torchrun the first rank of each machine reads it first (it may
-    download)."""
+    """The pretraining split, read (perhaps downloaded) first by each machine's first rank."""
     local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if world > 1 and not local_main:
         dist.barrier()
@@ -334,8 +331,7 @@ def preview(base, args):
 
 
 def build_views(base, args, rank, world, device):
-    """The rank's two-view batches, from the batched or the per-image pipeline
-    (data.TwoViewBatches)."""
+    """The rank's two-view batches, batched or per image (data.TwoViewBatches)."""
     per_rank = args.batch_size // world
     if args.pipeline == "per-image":
         transform = SimCLRTransform(view(args), recipe(args))
@@ -381,10 +377,10 @@ def build_optimizer(model, args, lr):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as in the official SimCLR code (lars_optimizer.py): g = grad + wd w,
-    trust ratio eta ||w|| / ||g||, classic momentum with the rate inside, v = m v + lr trust g, w -=
-    v. Groups with lars=False (biases, BN) get neither weight decay nor the trust ratio. Foreach
-    kernels: one launch per op for all layers."""
+    """LARS (You et al. 2017) as in the official SimCLR code (lars_optimizer.py):
+    g = grad + wd w, trust ratio eta ||w|| / ||g||, classic momentum with the rate inside:
+    v = m v + lr trust g, w -= v. Groups with lars=False (biases, BN) get neither weight decay nor
+    the trust ratio. Foreach kernels: one launch per op for all layers."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True)
@@ -592,8 +588,7 @@ class OnlineProbe:
         self.seen += keep.sum()
 
     def accuracy(self, world):
-        """Top-1 (%) on the training views since the last call, over all ranks; None without
-        labels."""
+        """Top-1 (%) on the training views since the last call, over all ranks (None: no labels)."""
         counts = torch.stack([self.correct, self.seen])
         if world > 1:
             dist.all_reduce(counts)

@@ -183,8 +183,7 @@ def format_table(summary):
 
 
 def pack(out, summary, table, runs, logs, tail_bytes=200_000):
-    """OUT/gpu-check.tar.gz: summary.json, table.txt, the last 200 kB of each log, each run's
-    metrics."""
+    """OUT/gpu-check.tar.gz: summary.json, table.txt, each log's last 200 kB, each run's metrics."""
     archive = os.path.join(out, "gpu-check.tar.gz")
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "summary.json"), "w") as f:
