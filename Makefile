@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: setup data demo demo-val v2 v2-val search test bench gpu-check gpu-check-cpu
+.PHONY: setup data demo demo-val length v2 v2-val search test bench gpu-check gpu-check-cpu
 
 setup:
 	$(PYTHON) -m pip install -q --root-user-action=ignore -r requirements.txt
@@ -21,30 +21,43 @@ data:
 	  || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
 	  || echo "note: could not apt-get dataset-fashion-mnist; torchvision will try to download Fashion-MNIST to ./data"
 
-# The CPU demo: ResNet-50 at width 0.25 (512-d features, about the time per image of ResNet-18 at width 0.5)
-# with a stride-2 3x3 stem, 3.5 epochs (819 steps) at batch 256, crops of 25-100% of the image, the paper's
-# colour strength 1.0, tau 0.2 and a LARS rate of 4.8 (a short run wants a high one); then the linear probes of
-# SimCLR, random init and raw pixels (eval_linear.py), and the ablation: fine-tuning both networks on 10% of the
-# labels, each at its own rate (finetune.py). Choices on validation images (make demo-val, BENCHMARKS.md); make
-# demo reads the test split once. About 10 minutes on 2 CPU cores.
+# The CPU demo: ResNet-50 at width 0.25 (512-d features) with a stride-2 3x3 stem, 3.5 epochs (819 steps) at
+# batch 256, crops of 25-100% of the image, the paper's colour strength 1.0, tau 0.5 and a LARS rate of 4.8 (a
+# short run wants a high one); then the linear probes of SimCLR, the strongest random-init network and raw pixels
+# (eval_linear.py, which also draws neighbours_fashion-mnist.png), and the ablation: fine-tuning both networks on
+# 10% of the labels, each at its own rate (finetune.py). Every choice was made on validation images (make search,
+# make demo-val; BENCHMARKS.md); make demo reads the test split once. About 10 minutes on 2 CPU cores.
 DEMO_TRAIN ?= --arch resnet50 --width 0.25 --stem-stride 2 --batch-size 256 --epochs 4 --max-steps 819 \
-  --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.2 --lr 4.8 --seed $(SEED)
+  --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.5 --lr 4.8 --seed $(SEED)
 DEMO_EVAL ?= --random-init --pixels --seed $(SEED)
 DEMO_FINETUNE ?= --random-init --label-fraction 0.1 --epochs 4 --seed $(SEED)
+DEMO_RATES ?= --lr 0.025 --lr-random 0.025
 SEED ?= 0
 demo: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --output-dir $(DEMO_DIR)
 	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt $(DEMO_EVAL)
-	$(PYTHON) finetune.py --ckpt $(DEMO_DIR)/last.pt $(DEMO_FINETUNE) --lr 0.025 --lr-random 0.025
+	$(PYTHON) finetune.py --ckpt $(DEMO_DIR)/last.pt $(DEMO_FINETUNE) $(DEMO_RATES)
 
-# The same pretraining, evaluated on 10% of the training split held out (the test split is not read): the linear
-# probes and the fine-tuning rates of both networks over a grid. How the demo's choices were made.
-FT_GRID ?= 0.025 0.05 0.1 0.2
+# The same pretraining (reused when DEMO_DIR holds it), evaluated on 10% of the training split held out (the
+# test split is not read): the linear probes of SimCLR's h, of the head's first layer and of z, the random
+# variants, and the fine-tuning rates of both networks over a grid. How the demo's choices were made.
+FT_GRID ?= 0.00625 0.0125 0.025 0.05 0.1
 demo-val: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --output-dir $(DEMO_DIR)
-	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt --eval-on val $(DEMO_EVAL)
+	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt --eval-on val $(DEMO_EVAL) --head-layers 0 1 2
 	$(PYTHON) finetune.py --ckpt $(DEMO_DIR)/last.pt --eval-on val $(DEMO_FINETUNE) --lr $(FT_GRID) \
 	  --lr-random $(FT_GRID)
+
+# Does longer pretraining help? The demo's recipe for twice and four times its 819 steps (7 and 14 epochs; the
+# warmup keeps its share), seed 0, each probed once on the test split; the 3.5-epoch row is make demo SEED=0.
+LENGTH_DIR ?= runs/length
+length: setup data
+	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --epochs 8 --max-steps 1638 --warmup-epochs 0.6 \
+	  --output-dir $(LENGTH_DIR)/7-epochs
+	$(PYTHON) eval_linear.py --ckpt $(LENGTH_DIR)/7-epochs/last.pt --seed $(SEED)
+	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --epochs 16 --max-steps 3276 --warmup-epochs 1.2 \
+	  --output-dir $(LENGTH_DIR)/14-epochs
+	$(PYTHON) eval_linear.py --ckpt $(LENGTH_DIR)/14-epochs/last.pt --seed $(SEED)
 
 # SimCLRv2's semi-supervised recipe at CPU scale (arXiv 2006.10029): the demo's pretraining with v2's 3-layer
 # head, then on 1% and 10% of the labels: the linear probe, fine-tuning from the encoder and from the head's first
@@ -68,9 +81,11 @@ v2-val: setup data
 # at width 0.5 for the same time, tau, crop scale, colour strength, LARS rate), each scored by the linear probe on
 # images held out of the training split, then the winners combined. Two runs at a time on one thread each;
 # rerunning skips the runs already scored. About 1.5 hours on 2 CPU cores.
+# BENCHMARKS.md's table searched around the recipe before it (tau 0.2): make search SEARCH_BASE="... --temperature 0.2 ..."
 SEARCH_DIR ?= runs/search
+SEARCH_BASE ?= --dataset fashion-mnist $(DEMO_TRAIN)
 search: setup data
-	$(PYTHON) search.py --base "--dataset fashion-mnist $(DEMO_TRAIN)" --out $(SEARCH_DIR) --jobs 2
+	$(PYTHON) search.py --base "$(SEARCH_BASE)" --out $(SEARCH_DIR) --jobs 2
 
 test: setup
 	$(PYTHON) -m pip install -q --root-user-action=ignore pytest
