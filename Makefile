@@ -31,7 +31,7 @@ DEMO_TRAIN ?= --arch resnet50 --width 0.25 --stem-stride 2 --batch-size 256 --ep
   --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.5 --lr 4.8 --seed $(SEED)
 DEMO_EVAL ?= --random-init --pixels --seed $(SEED)
 DEMO_FINETUNE ?= --random-init --label-fraction 0.1 --epochs 4 --seed $(SEED)
-DEMO_RATES ?= --lr 0.025 --lr-random 0.025
+DEMO_RATES ?= --lr 0.1 --lr-random 0.2
 SEED ?= 0
 demo: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --output-dir $(DEMO_DIR)
@@ -41,7 +41,7 @@ demo: setup data
 # The same pretraining (reused when DEMO_DIR holds it), evaluated on 10% of the training split held out (the
 # test split is not read): the linear probes of SimCLR's h, of the head's first layer and of z, the random
 # variants, and the fine-tuning rates of both networks over a grid. How the demo's choices were made.
-FT_GRID ?= 0.00625 0.0125 0.025 0.05 0.1
+FT_GRID ?= 0.00625 0.0125 0.025 0.05 0.1 0.2 0.4 0.8
 demo-val: setup data
 	$(PYTHON) train.py --dataset fashion-mnist $(DEMO_TRAIN) --output-dir $(DEMO_DIR)
 	$(PYTHON) eval_linear.py --ckpt $(DEMO_DIR)/last.pt --eval-on val $(DEMO_EVAL) --head-layers 0 1 2

@@ -313,6 +313,7 @@ def save_results(out, data, args, rows, script, seconds, train_args, plots=()):
     rows = kept + [dict(r, script=script) for r in rows]
     rows.sort(key=lambda r: SCRIPTS.index(r["script"]))  # the frozen-feature protocols first
     eval_seconds = dict(summary.get("eval_seconds", {}), **{script: round(seconds, 1)})
+    plots = sorted(set(summary.get("plots", [])) | set(plots))  # the other script's stay listed
     pretrain_seconds = train_args.get("train_seconds", 0.0)
     summary = {
         "top1": rows[0]["top1"] if rows else None, "top5": rows[0]["top5"] if rows else None,
@@ -321,7 +322,7 @@ def save_results(out, data, args, rows, script, seconds, train_args, plots=()):
         "image_size": data.view.size,
     }
     summary.update(headline(rows))
-    summary.update(results=rows, plots=sorted(set(summary.get("plots", [])) | set(plots)),
+    summary.update(results=rows, plots=plots,
                    pretrain_seconds=round(pretrain_seconds, 1), eval_seconds=eval_seconds,
                    seconds=round(pretrain_seconds + sum(eval_seconds.values()), 1))
     save_json(path, summary)

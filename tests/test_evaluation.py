@@ -148,6 +148,7 @@ def test_protocols_fractions_plots_and_json(pretrained, capsys, tmp_path):
     assert {r["train_samples"] for r in rows} == {30, 60}
     for name in ("ablation_fashion-mnist.png", "label_fractions_fashion-mnist.png", "eval_fashion-mnist.json"):
         assert os.path.getsize(out / name) > 0
+    assert str(out / "neighbours_fashion-mnist.png") in merged["plots"]  # eval_linear.py's picture stays listed
     assert any("simclr" in line and "finetune" in line for line in lines)  # the table
     with open(out / "eval_fashion-mnist.json") as f:
         assert json.load(f) == merged
