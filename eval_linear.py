@@ -216,7 +216,7 @@ def neighbours_picture(features, data, out, queries, seed, k=8):
                  f"{same} of {len(picks) * k} of the query's class (green)")
         panels.append((title, grid))
     height, width = panels[0][1].shape[1:]
-    fig, axes = figure(len(panels), width=width / 100 + 0.2, height=height / 100 + 0.7)
+    fig, axes = figure(len(panels), width=width / 100 + 0.2, height=height / 100 + 1.0)
     for ax, (title, grid) in zip(axes, panels):
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(title, fontsize=10)
