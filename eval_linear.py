@@ -93,7 +93,10 @@ def main(args):
                 extra = dict(extra, head_layers=k)
             for row in frozen_protocols(enc.name, train, held, data, args, device):
                 rows.append(dict(row, **extra))
+    t1 = time.time()
     picture = neighbours_picture(pictured, data, out, args.neighbours, args.seed)
+    if picture:
+        print(f"neighbours picture in {time.time() - t1:.1f} s")
     return ev.finish(out, data, args, rows, "eval_linear", t0, first, plots=[picture])
 
 

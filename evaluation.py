@@ -330,15 +330,18 @@ def save_results(out, data, args, rows, script, seconds, train_args, plots=()):
 
 
 def headline(rows):
-    """{ENCODER_top1} of the first protocol at all labels (or the first fraction): simclr_top1,
-    random_top1, pixels_top1; and {ENCODER_PROTOCOL_top1} of the other protocols, e.g.
-    random_finetune_top1."""
+    """{ENCODER_top1} of the first protocol: simclr_top1, random_top1, pixels_top1; and
+    {ENCODER_PROTOCOL_top1} of the other protocols, e.g. random_finetune_top1. Each protocol at all
+    labels where it ran on all of them, else at its first label fraction (the demo fine-tunes on
+    10%)."""
     out = {}
     first = rows[0]["protocol"] if rows else None
-    fractions = [r["label_fraction"] for r in rows]
-    main = 1.0 if 1.0 in fractions else (fractions[0] if fractions else None)
+    main = {}  # protocol -> the label fraction its headline reports
     for r in rows:
-        if r["label_fraction"] != main:
+        fractions = [x["label_fraction"] for x in rows if x["protocol"] == r["protocol"]]
+        main[r["protocol"]] = 1.0 if 1.0 in fractions else fractions[0]
+    for r in rows:
+        if r["label_fraction"] != main[r["protocol"]]:
             continue
         if r["protocol"] == first:
             key = f"{r['encoder']}_top1"
