@@ -1,4 +1,5 @@
-"""Tiny datasets written in each dataset's real on-disk format, so that torchvision's own loaders read them."""
+"""Tiny datasets written in each dataset's real on-disk format, so that torchvision's own loaders
+read them."""
 import gzip
 import os
 import pickle
@@ -15,9 +16,12 @@ sys.path.insert(0, ROOT)
 import augment  # noqa: E402 (after the path above)
 
 
-def batch_augment(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, compile=False, **recipe):
-    """augment.BatchAugment from the flat keywords the tests write: View(size, mean, std), Recipe(**recipe)."""
-    return augment.BatchAugment(augment.View(size, mean, std), augment.Recipe(**recipe), compile=compile)
+def batch_augment(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, compile=False,
+                  **recipe):
+    """augment.BatchAugment from the flat keywords the tests write: View(size, mean, std),
+    Recipe(**recipe)."""
+    return augment.BatchAugment(augment.View(size, mean, std), augment.Recipe(**recipe),
+                                compile=compile)
 
 
 def simclr_transform(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, **recipe):
@@ -26,7 +30,8 @@ def simclr_transform(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD,
 
 
 def _images(n, size, channels=3, seed=0):
-    """Random uint8 images whose class (i % 10) sets the mean brightness, so a probe has something to find."""
+    """Random uint8 images whose class (i % 10) sets the mean brightness, so a probe has something
+    to find."""
     rng = np.random.default_rng(seed)
     base = (np.arange(n) % 10 * 20 + 30).astype(np.int16)[:, None, None, None]
     x = base + rng.integers(-30, 30, size=(n, channels, size, size))
@@ -34,7 +39,8 @@ def _images(n, size, channels=3, seed=0):
 
 
 def write_cifar(root, n_train=60, n_test=20, hundred=False):
-    """cifar-10-batches-py/ (or cifar-100-python/): latin1 pickles of 'data' (N, 3072) and labels."""
+    """cifar-10-batches-py/ (or cifar-100-python/): latin1 pickles of 'data' (N, 3072) and
+    labels."""
     folder = os.path.join(root, "cifar-100-python" if hundred else "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     key = "fine_labels" if hundred else "labels"
@@ -54,10 +60,12 @@ def write_cifar(root, n_train=60, n_test=20, hundred=False):
 
 
 def write_stl10(root, n_train=20, n_test=20, n_unlabeled=30):
-    """stl10_binary/: uint8 images (N, 3, 96, 96) stored column-major, labels 1..10, class_names.txt."""
+    """stl10_binary/: uint8 images (N, 3, 96, 96) stored column-major,
+    labels 1..10, class_names.txt."""
     folder = os.path.join(root, "stl10_binary")
     os.makedirs(folder, exist_ok=True)
-    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1), ("unlabeled", n_unlabeled, 2)):
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1),
+                           ("unlabeled", n_unlabeled, 2)):
         x, y = _images(n, 96, seed=seed)
         x.transpose(0, 1, 3, 2).tofile(os.path.join(folder, f"{split}_X.bin"))
         if split != "unlabeled":
@@ -73,9 +81,11 @@ def write_idx(folder, n_train=60, n_test=20, gz=True):
     opener = gzip.open if gz else open
     for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         x, y = _images(n, 28, channels=1, seed=seed)
-        with opener(os.path.join(folder, f"{prefix}-images-idx3-ubyte" + (".gz" if gz else "")), "wb") as f:
+        with opener(os.path.join(folder, f"{prefix}-images-idx3-ubyte" + (".gz" if gz else "")),
+                    "wb") as f:
             f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.tobytes())
-        with opener(os.path.join(folder, f"{prefix}-labels-idx1-ubyte" + (".gz" if gz else "")), "wb") as f:
+        with opener(os.path.join(folder, f"{prefix}-labels-idx1-ubyte" + (".gz" if gz else "")),
+                    "wb") as f:
             f.write(struct.pack(">II", 2049, n) + y.tobytes())
     return folder
 
@@ -96,7 +106,8 @@ def write_folder(root, per_class=6, size=40, classes=("cat", "dog"), splits=("tr
 
 
 def one_line_exit_2(capsys, fn):
-    """fn() exits with code 2 and one line on stderr, "error: ...", never a traceback. -> that line"""
+    """fn() exits with code 2 and one line on stderr, "error: ...", never a traceback.
+    -> that line"""
     with pytest.raises(SystemExit) as e:
         fn()
     assert e.value.code == 2
@@ -107,7 +118,8 @@ def one_line_exit_2(capsys, fn):
 
 @pytest.fixture
 def no_md5(monkeypatch):
-    """torchvision checks the md5 of the real STL-10/CIFAR files; the tiny ones only need to exist."""
+    """torchvision checks the md5 of the real STL-10/CIFAR files; the tiny ones only need to
+    exist."""
     import torchvision.datasets.cifar as cifar
     import torchvision.datasets.stl10 as stl10
     for mod in (cifar, stl10):
@@ -123,4 +135,5 @@ def isolated(tmp_path, monkeypatch):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (make gpu-check runs them; skipped elsewhere)")
+    config.addinivalue_line("markers",
+                            "cuda: needs a CUDA GPU (make gpu-check runs them; skipped elsewhere)")

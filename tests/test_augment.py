@@ -7,7 +7,8 @@ from torchvision.transforms import v2
 from augment import View, blur_kernel_size, save_preview
 from conftest import simclr_transform
 
-GRAY = dict(mean=(0.5,) * 3, std=(0.5,) * 3)  # the same for every channel, so R=G=B survives normalisation
+# the same for every channel, so R=G=B survives normalisation
+GRAY = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
 PLAIN = dict(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0, blur_p=0, **GRAY)
 
 
@@ -56,7 +57,8 @@ def test_flip_p1_flips():
 
 def test_grayscale_p1_gives_r_equal_g_equal_b():
     v1, _ = simclr_transform(16, **{**PLAIN, "gray_p": 1.0})(image(16))
-    # one uint8 luma written to the three channels, normalised by the same mean and std: equal, not close
+    # one uint8 luma written to the three channels, normalised by the same mean and std: equal,
+    # not close
     assert torch.equal(v1[0], v1[1]) and torch.equal(v1[1], v1[2])
     rgb, _ = simclr_transform(16, **PLAIN)(image(16))
     assert (rgb[0] - rgb[1]).abs().max() > 0.1
@@ -86,7 +88,8 @@ def test_blur_p1_smooths_and_default_blur_depends_on_size():
     blurred, _ = simclr_transform(64, **{**PLAIN, "blur_p": 1.0, "blur_sigma": (2.0, 2.0)})(img)
     assert blurred.diff(dim=-1).abs().mean() < 0.5 * plain.diff(dim=-1).abs().mean()
     assert blur_kernel_size(96) == 9 and blur_kernel_size(224) == 23 and blur_kernel_size(28) == 3
-    has_blur = lambda t: any(isinstance(op, v2.RandomApply) and isinstance(op.transforms[0], v2.GaussianBlur)
+    has_blur = lambda t: any(isinstance(op, v2.RandomApply)
+                             and isinstance(op.transforms[0], v2.GaussianBlur)
                              for op in t.transform.transforms)
     assert has_blur(simclr_transform(96)) and not has_blur(simclr_transform(32))
     assert has_blur(simclr_transform(32, blur_p=0.5))
@@ -99,7 +102,8 @@ def test_rotation_p1_rotates_by_a_multiple_of_90():
         torch.manual_seed(seed)
         rot, _ = simclr_transform(16, **{**PLAIN, "rotate_p": 1.0})(img)
         dists = [(rot - torch.rot90(plain, k, dims=(1, 2))).abs().max().item() for k in (1, 2, 3)]
-        # nearest-neighbour rotation copies pixels (0 here); a wrong pixel differs by a uint8 step, 2/255 = 8e-3
+        # nearest-neighbour rotation copies pixels (0 here); a wrong pixel differs by a uint8
+        # step, 2/255 = 8e-3
         assert min(dists) < 1e-5
 
 
@@ -116,6 +120,8 @@ def test_eval_transform_is_deterministic_and_sized():
 
 
 def test_preview_png(tmp_path):
-    path = save_preview([image(20, s) for s in range(3)], simclr_transform(20), tmp_path / "aug.png")
+    path = save_preview([image(20, s) for s in range(3)], simclr_transform(20),
+                        tmp_path / "aug.png")
     w, h = Image.open(path).size
-    assert (w, h) == (3 * 102 + 2, 3 * 102 + 2)  # 3 x 3 tiles (image, view 1, view 2) of 20 px x 5 >= 96 px, padding 2
+    # 3 x 3 tiles (image, view 1, view 2) of 20 px x 5 >= 96 px, padding 2
+    assert (w, h) == (3 * 102 + 2, 3 * 102 + 2)

@@ -35,7 +35,8 @@ def test_stl10_every_split(tmp_path, no_md5):
 def test_stl10_pixels_read_back(tmp_path, no_md5):
     write_stl10(tmp_path, n_train=10, n_test=10, n_unlabeled=10)
     import numpy as np
-    x = np.fromfile(tmp_path / "stl10_binary" / "train_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+    x = np.fromfile(tmp_path / "stl10_binary" / "train_X.bin",
+                    dtype=np.uint8).reshape(-1, 3, 96, 96)
     img, _ = get_dataset("stl10", tmp_path, "train", download=False)[3]
     assert np.array_equal(np.asarray(img), x[3].transpose(2, 1, 0))  # column-major on disk
 
@@ -111,12 +112,14 @@ def test_missing_dataset_is_one_line(tmp_path, monkeypatch, name):
     with pytest.raises(DatasetError) as e:
         get_dataset(name, str(tmp_path / "absent"), "train", download=False)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(name) and str(tmp_path / "absent") in msg and "to get it" in msg
+    assert ("\n" not in msg and msg.startswith(name) and str(tmp_path / "absent") in msg
+            and "to get it" in msg)
 
 
 def test_train_py_without_stl10_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "stl10", "--batch-size", "512",
-                        "--data-dir", str(tmp_path / "nothing"), "--no-download"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "stl10",
+                        "--batch-size", "512", "--data-dir", str(tmp_path / "nothing"),
+                        "--no-download"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
@@ -136,7 +139,8 @@ def test_uint8_images_hold_the_loaders_pixels(tmp_path, no_md5):
     write_stl10(tmp_path / "s", n_train=4, n_test=3, n_unlabeled=5)
     write_cifar(tmp_path / "c", n_train=10, n_test=5)
     write_idx(tmp_path / "f", n_train=7, n_test=3)
-    assert_tensor_matches_pil(get_dataset("stl10", tmp_path / "s", "train+unlabeled", download=False))
+    assert_tensor_matches_pil(get_dataset("stl10", tmp_path / "s", "train+unlabeled",
+                                          download=False))
     assert_tensor_matches_pil(get_dataset("cifar10", tmp_path / "c", "test", download=False))
     fm = get_dataset("fashion-mnist", str(tmp_path / "f"), "train", download=False)
     assert data.uint8_images(fm)[0].shape == (7, 1, 28, 28)  # kept as one channel

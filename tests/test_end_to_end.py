@@ -9,8 +9,8 @@ import eval_linear
 import train
 from conftest import write_cifar
 
-TINY = ["--dataset", "cifar10", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16", "--workers", "0",
-        "--log-every", "1", "--amp", "off", "--no-download", "--no-aug-compile"]
+TINY = ["--dataset", "cifar10", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16",
+        "--workers", "0", "--log-every", "1", "--amp", "off", "--no-download", "--no-aug-compile"]
 
 
 def run_train(argv):
@@ -23,7 +23,8 @@ def run_train(argv):
 def test_train_then_eval_then_resume(tmp_path, no_md5, capsys, pipeline):
     write_cifar(tmp_path / "data", n_train=40, n_test=20)
     out = str(tmp_path / "run")
-    common = TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", out, "--pipeline", pipeline]
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", out,
+                     "--pipeline", pipeline]
     run_train(common + ["--max-steps", "2"])
     for f in ("last.pt", "metrics.jsonl", "curves.png", "augmentations.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
@@ -39,7 +40,8 @@ def test_train_then_eval_then_resume(tmp_path, no_md5, capsys, pipeline):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     assert {"top1", "top5", "ckpt", "dataset"} <= set(result) and result["dataset"] == "cifar10"
-    assert result["train_samples"] == 30 and result["test_samples"] == 20 and 0 <= result["top1"] <= 100
+    assert (result["train_samples"] == 30 and result["test_samples"] == 20
+            and 0 <= result["top1"] <= 100)
     with open(os.path.join(out, "eval_cifar10.json")) as f:
         assert json.load(f) == result
 
@@ -54,22 +56,27 @@ def test_train_then_eval_then_resume(tmp_path, no_md5, capsys, pipeline):
 def test_random_init_baseline(tmp_path, no_md5, capsys):
     write_cifar(tmp_path / "data", n_train=20, n_test=10)
     out = str(tmp_path / "run")
-    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", out, "--max-steps", "1", "--batch-size", "8"])
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", out, "--max-steps", "1",
+                      "--batch-size", "8"])
     capsys.readouterr()
     eval_linear.main(eval_linear.get_args_parser().parse_args(
-        ["--ckpt", os.path.join(out, "last.pt"), "--random-init", "--output-dir", str(tmp_path / "ev")]))
+        ["--ckpt", os.path.join(out, "last.pt"), "--random-init",
+         "--output-dir", str(tmp_path / "ev")]))
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     random_row, = [r for r in result["results"] if r["encoder"] == "random"]
-    # the reported number is that of the variant chosen on held-out training images, named in the table
+    # the reported number is that of the variant chosen on held-out training images, named in
+    # the table
     assert result["random_top1"] == random_row["top1"] and 0 <= random_row["top1"] <= 100
-    assert random_row["variant"] == max(random_row["variant_scores"], key=random_row["variant_scores"].get)
+    assert random_row["variant"] == max(random_row["variant_scores"],
+                                        key=random_row["variant_scores"].get)
     assert any(f"random ({random_row['variant']})" in line for line in lines)
     assert os.path.exists(tmp_path / "ev" / "eval_cifar10.json")
 
 
 def test_lr_schedule_is_warmup_from_zero_then_cosine():
-    """The official schedule: step / warmup x peak during warmup (0 at step 0), then cosine from the peak."""
+    """The official schedule: step / warmup x peak during warmup (0 at step 0), then cosine from the
+    peak."""
     lr = [train.lr_at(s, 1.0, 10, 100) for s in range(100)]
     assert lr[0] == 0.0 and lr[1] == pytest.approx(0.1) and lr[9] == pytest.approx(0.9)
     assert lr[10] == pytest.approx(1.0)
@@ -80,8 +87,8 @@ def test_lr_schedule_is_warmup_from_zero_then_cosine():
 def test_lars_excludes_biases_and_bn_and_scales_by_trust_ratio():
     w = torch.nn.Parameter(torch.full((4, 4), 2.0))
     b = torch.nn.Parameter(torch.ones(4))
-    opt = train.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.0,
-                     weight_decay=0.0, eta=0.001)
+    opt = train.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0,
+                     momentum=0.0, weight_decay=0.0, eta=0.001)
     w.grad, b.grad = torch.full((4, 4), 0.5), torch.full((4,), 0.5)
     opt.step()
     # trust ratio 0.001 * ||w|| / ||g|| = 0.001 * 8 / 2: the step is 0.004 * g
@@ -91,13 +98,14 @@ def test_lars_excludes_biases_and_bn_and_scales_by_trust_ratio():
 
 @pytest.mark.parametrize("stem_stride", ["1", "2"])
 def test_readme_snippets_load_a_checkpoint(tmp_path, no_md5, monkeypatch, stem_stride):
-    """The two 'Use the encoder elsewhere' snippets of the README, run as written on a train.py checkpoint: both
-    give the same features."""
+    """The two 'Use the encoder elsewhere' snippets of the README, run as written on a train.py
+    checkpoint: both give the same features."""
     import re
     write_cifar(tmp_path / "data", n_train=20, n_test=10)
     out = tmp_path / "runs" / "stl10"
-    run_train(TINY + ["--width", "1.0", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
-                      "--max-steps", "1", "--proj-dim", "16", "--stem-stride", stem_stride])
+    run_train(TINY + ["--width", "1.0", "--data-dir", str(tmp_path / "data"),
+                      "--output-dir", str(out), "--max-steps", "1", "--proj-dim", "16",
+                      "--stem-stride", stem_stride])
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     section = readme[readme.index("## Use the encoder elsewhere"):]
     first, second = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
@@ -110,8 +118,8 @@ def test_readme_snippets_load_a_checkpoint(tmp_path, no_md5, monkeypatch, stem_s
 
 
 def test_logged_img_s_is_the_rate_of_each_window(tmp_path, no_md5, monkeypatch):
-    """Each metrics line's img/s counts the steps since the previous line only: with steps that get slower, a
-    cumulative rate would stay above the last window's."""
+    """Each metrics line's img/s counts the steps since the previous line only: with steps that get
+    slower, a cumulative rate would stay above the last window's."""
     write_cifar(tmp_path / "data", n_train=40, n_test=20)
     real, calls = train.train_step, []
 
@@ -121,15 +129,17 @@ def test_logged_img_s_is_the_rate_of_each_window(tmp_path, no_md5, monkeypatch):
         return real(*a, **k)
     monkeypatch.setattr(train, "train_step", slower)
     out = tmp_path / "run"
-    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--max-steps", "4",
-                      "--epochs", "2"])
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
+                      "--max-steps", "4", "--epochs", "2"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "img_s" in line]
-    assert len(rows) == 4 and rows[-1]["img_s"] < 16 / 0.4  # the 4th step alone: 16 images in >= 0.4 s
+    # the 4th step alone: 16 images in >= 0.4 s
+    assert len(rows) == 4 and rows[-1]["img_s"] < 16 / 0.4
 
 
 def test_label_free_monitors_are_logged_without_a_host_read_per_step(tmp_path, no_md5, monkeypatch):
-    """Every metrics row holds the contrastive top-1 (%) and the spread of z; train_step itself calls no .item()
-    or .tolist() (the log line's one read carries the monitors), and curves.png is drawn."""
+    """Every metrics row holds the contrastive top-1 (%) and the spread of z; train_step itself
+    calls no .item() or .tolist() (the log line's one read carries the monitors), and curves.png is
+    drawn."""
     write_cifar(tmp_path / "data", n_train=40, n_test=20)
     reads = []
     inside = []
@@ -150,8 +160,8 @@ def test_label_free_monitors_are_logged_without_a_host_read_per_step(tmp_path, n
             inside.pop()
     monkeypatch.setattr(train, "train_step", step)
     out = tmp_path / "run"
-    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--max-steps", "4",
-                      "--log-every", "2"])
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
+                      "--max-steps", "4", "--log-every", "2"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0 <= r["contrastive_top1"] <= 100 and r["spread"] > 0 for r in rows)
@@ -159,8 +169,10 @@ def test_label_free_monitors_are_logged_without_a_host_read_per_step(tmp_path, n
     assert (out / "curves.png").stat().st_size > 0
 
 
-def test_compile_that_fails_at_the_first_step_falls_back_to_eager(tmp_path, no_md5, monkeypatch, capsys):
-    """A GPU whose compiler fails (inductor raising at the first call): one warning, then the run trains eagerly."""
+def test_compile_that_fails_at_the_first_step_falls_back_to_eager(tmp_path, no_md5, monkeypatch,
+                                                                  capsys):
+    """A GPU whose compiler fails (inductor raising at the first call): one warning, then the run
+    trains eagerly."""
     write_cifar(tmp_path / "data", n_train=40, n_test=20)
 
     class Broken:
@@ -168,21 +180,25 @@ def test_compile_that_fails_at_the_first_step_falls_back_to_eager(tmp_path, no_m
             raise RuntimeError("inductor: no kernel for this GPU")
     monkeypatch.setattr(train.torch, "compile", lambda net: Broken())
     out = tmp_path / "run"
-    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--max-steps", "2",
-                      "--compile"])
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
+                      "--max-steps", "2", "--compile"])
     captured = capsys.readouterr()
-    assert "--compile failed at the first step (RuntimeError: inductor" in captured.out + captured.err
+    assert ("--compile failed at the first step (RuntimeError: inductor"
+            in captured.out + captured.err)
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
     summary = json.load(open(out / "summary.json"))
-    assert summary["steps"] == 2 and summary["img_s_end_to_end"] > 0 and 0 <= summary["save_share"] <= 1
+    assert (summary["steps"] == 2 and summary["img_s_end_to_end"] > 0
+            and 0 <= summary["save_share"] <= 1)
 
 
 def test_preview_of_large_views_is_drawn_at_512_px(tmp_path, no_md5):
-    """Views of 4096 px would make a 12k x 33k px picture after minutes of CPU: the preview shows them at 512."""
+    """Views of 4096 px would make a 12k x 33k px picture after minutes of CPU: the preview shows
+    them at 512."""
     from PIL import Image
     write_cifar(tmp_path / "data", n_train=20, n_test=10)
     out = tmp_path / "run"
-    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--image-size", "600",
-                      "--preview"])
+    run_train(TINY + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
+                      "--image-size", "600", "--preview"])
     width, height = Image.open(out / "augmentations.png").size
-    assert height == 3 * (512 + 2) + 2 and width == 8 * (512 + 2) + 2  # 3 rows of 8 tiles, 2 px grid
+    # 3 rows of 8 tiles, 2 px grid
+    assert height == 3 * (512 + 2) + 2 and width == 8 * (512 + 2) + 2

@@ -1,4 +1,5 @@
-"""The evaluation protocols (linear, kNN, fine-tuning, label fractions) and the online probe of train.py."""
+"""The evaluation protocols (linear, kNN, fine-tuning, label fractions) and the online probe of
+train.py."""
 import json
 import os
 
@@ -13,8 +14,9 @@ from augment import View
 from conftest import write_idx
 from model import SimCLR
 
-TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125", "--batch-size", "16", "--amp", "off",
-        "--no-download", "--no-aug-compile", "--log-every", "1"]
+TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.125",
+        "--batch-size", "16", "--amp", "off", "--no-download", "--no-aug-compile",
+        "--log-every", "1"]
 
 
 def test_knn_on_separable_features_is_perfect():
@@ -41,17 +43,20 @@ def test_logistic_regression_chooses_weight_decay_on_held_out_training_images():
     x = torch.randn(300, 5, generator=g)
     y = (x[:, 0] > 0).long()
     grid = eval_linear.get_args_parser().parse_args([]).weight_decay
-    logits, wd = eval_linear.linear_probe(x, y, x[:50], 2, grid)  # the test labels are not even an argument
-    # separable data: every decay scores 100% on the held-out images and a tie goes to the strongest decay (the
-    # simplest model); a choice made on the training fit itself would take the weakest (its loss is lowest)
-    assert wd == max(eval_linear.WEIGHT_DECAYS) and (logits.argmax(1) == y[:50]).float().mean() > 0.95
+    # the test labels are not even an argument
+    logits, wd = eval_linear.linear_probe(x, y, x[:50], 2, grid)
+    # separable data: every decay scores 100% on the held-out images and a tie goes to the strongest
+    # decay (the simplest model); a choice made on the training fit itself would take the weakest
+    # (its loss is lowest)
+    assert (wd == max(eval_linear.WEIGHT_DECAYS)
+            and (logits.argmax(1) == y[:50]).float().mean() > 0.95)
     one = eval_linear.get_args_parser().parse_args(["--weight-decay", "0.5"]).weight_decay
     assert eval_linear.linear_probe(x, y, x[:50], 2, one)[1] == 0.5
 
 
 def test_warm_started_path_chooses_the_weight_decay_of_converged_fits():
-    """The 50-iteration warm-started path ranks the decays as independent fits run to convergence do, on a
-    problem where the choice matters (few noisy samples, many useless features)."""
+    """The 50-iteration warm-started path ranks the decays as independent fits run to convergence
+    do, on a problem where the choice matters (few noisy samples, many useless features)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(200, 150, generator=g)
     y = ((x[:, 0] + x[:, 1] + torch.randn(200, generator=g)) > 0).long()
@@ -65,7 +70,8 @@ def test_warm_started_path_chooses_the_weight_decay_of_converged_fits():
     for wd in decays:
         clf = eval_linear.fit_logistic(xs[fit], y[fit], 2, wd, max_iter=2000)
         scores.append((clf(xs[val]).argmax(1) == y[val]).float().mean().item())
-    assert len(set(scores)) > 1  # the decay matters here (2 iterations per decay choose another one)
+    # the decay matters here (2 iterations per decay choose another one)
+    assert len(set(scores)) > 1
     assert chosen == decays[max(range(len(decays)), key=lambda i: (scores[i], -i))]
 
 
@@ -85,8 +91,8 @@ def test_features_follow_the_autocast_dtype():
 def pretrained(tmp_path):
     data = str(write_idx(tmp_path / "fm", n_train=60, n_test=20))
     out = tmp_path / "run"
-    train.main(train.get_args_parser().parse_args(TINY + ["--data-dir", data, "--output-dir", str(out),
-                                                          "--max-steps", "3", "--probe"]))
+    train.main(train.get_args_parser().parse_args(
+        TINY + ["--data-dir", data, "--output-dir", str(out), "--max-steps", "3", "--probe"]))
     return data, out
 
 
@@ -112,50 +118,71 @@ def test_online_probe_leaves_the_encoder_gradients_unchanged():
         _, h, _ = train.train_step(model, views, opt, scaler, None, args)
         if probe is not None:  # as the loop does after each step
             probe.step(h, torch.cat([labels, labels]))
-        results.append(({k: p.grad.clone() for k, p in model.named_parameters()}, model.state_dict()))
+        results.append(({k: p.grad.clone() for k, p in model.named_parameters()},
+                        model.state_dict()))
         if probe is not None:
-            assert probe.head.weight.grad is not None and probe.seen.item() == 14  # the -1 label skipped twice
+            # the -1 label skipped twice
+            assert probe.head.weight.grad is not None and probe.seen.item() == 14
     (g0, s0), (g1, s1) = results
     assert all(torch.equal(g0[k], g1[k]) for k in g0) and all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
+def test_headline_reports_each_protocol_at_its_own_fraction():
+    """make demo's summary line: the linear probe on all labels, fine-tuning on 10% only; each
+    protocol's headline is its own row (1.0 where it ran there, else its first fraction)."""
+    def row(encoder, protocol, fraction, top1):
+        return {"encoder": encoder, "protocol": protocol, "label_fraction": fraction, "top1": top1}
+    rows = [row("simclr", "linear", 0.1, 80.0), row("simclr", "linear", 1.0, 88.0),
+            row("random", "linear", 1.0, 81.0), row("simclr", "finetune", 0.1, 79.0),
+            row("random", "finetune", 0.1, 66.0), row("simclr", "knn", 0.5, 70.0)]
+    assert evaluation.headline(rows) == {"simclr_top1": 88.0, "random_top1": 81.0,
+                                         "simclr_finetune_top1": 79.0,
+                                         "random_finetune_top1": 66.0, "simclr_knn_top1": 70.0}
+
+
 def test_protocols_fractions_plots_and_json(pretrained, capsys, tmp_path):
-    """eval_linear.py (linear, kNN, three encoders, two fractions), then finetune.py on the same checkpoint: one
-    results file and one summary line with every number, the table, the plots."""
+    """eval_linear.py (linear, kNN, three encoders, two fractions), then finetune.py on the same
+    checkpoint: one results file and one summary line with every number, the table, the plots."""
     data, out = pretrained
     capsys.readouterr()
     eval_linear.main(eval_linear.get_args_parser().parse_args(
         ["--ckpt", str(out / "last.pt"), "--random-init", "--pixels", "--data-dir", data,
-         "--protocol", "linear", "knn", "--label-fraction", "0.5", "1.0", "--weight-decay", "1e-4", "1e-2",
-         "--amp", "off"]))
+         "--protocol", "linear", "knn", "--label-fraction", "0.5", "1.0",
+         "--weight-decay", "1e-4", "1e-2", "--amp", "off"]))
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    assert {"simclr_top1", "random_top1", "pixels_top1", "seconds", "top1", "top5", "ckpt", "dataset"} <= set(result)
+    assert {"simclr_top1", "random_top1", "pixels_top1", "seconds", "top1", "top5", "ckpt",
+            "dataset"} <= set(result)
     assert any("simclr" in line and "linear" in line for line in lines)  # the table
     finetune.main(finetune.get_args_parser().parse_args(
-        ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--label-fraction", "0.5", "1.0",
-         "--epochs", "2", "--amp", "off"]))
+        ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data,
+         "--label-fraction", "0.5", "1.0", "--epochs", "2", "--amp", "off"]))
     lines = capsys.readouterr().out.strip().splitlines()
     merged = json.loads(lines[-1])
-    for key in ("simclr_top1", "random_top1", "pixels_top1"):  # the linear numbers stay in the summary
+    # the linear numbers stay in the summary
+    for key in ("simclr_top1", "random_top1", "pixels_top1"):
         assert merged[key] == result[key], key
     assert {"simclr_finetune_top1", "random_finetune_top1"} <= set(merged)
     rows = merged["results"]
     assert len([r for r in rows if r["protocol"] == "linear"]) == 3 * 2
     assert len([r for r in rows if r["protocol"] == "knn"]) == 3 * 2
     fine = [r for r in rows if r["protocol"] == "finetune"]
-    assert len(fine) == 2 * 2 and all(len(r["curve"]) == 2 for r in fine)  # pixels are not fine-tuned
+    # pixels are not fine-tuned
+    assert len(fine) == 2 * 2 and all(len(r["curve"]) == 2 for r in fine)
     assert {r["train_samples"] for r in rows} == {30, 60}
-    for name in ("ablation_fashion-mnist.png", "label_fractions_fashion-mnist.png", "eval_fashion-mnist.json"):
+    for name in ("ablation_fashion-mnist.png", "label_fractions_fashion-mnist.png",
+                 "eval_fashion-mnist.json"):
         assert os.path.getsize(out / name) > 0
-    assert str(out / "neighbours_fashion-mnist.png") in merged["plots"]  # eval_linear.py's picture stays listed
+    # eval_linear.py's picture stays listed
+    assert str(out / "neighbours_fashion-mnist.png") in merged["plots"]
     assert any("simclr" in line and "finetune" in line for line in lines)  # the table
     with open(out / "eval_fashion-mnist.json") as f:
         assert json.load(f) == merged
 
 
 def test_linear_evaluation_refuses_an_encoder_that_changed(pretrained, monkeypatch):
-    """The frozen-encoder check can fail: a feature extractor that runs BN in train mode is caught."""
+    """The frozen-encoder check can fail: a feature extractor that runs BN in train mode is
+    caught."""
     data, out = pretrained
     real = evaluation.features
 
@@ -167,10 +194,12 @@ def test_linear_evaluation_refuses_an_encoder_that_changed(pretrained, monkeypat
         return real(encoder, *a, **k)
     monkeypatch.setattr(evaluation, "features", leaky)
     with pytest.raises(AssertionError, match="encoder changed"):
-        eval_linear.main(eval_linear.get_args_parser().parse_args(["--ckpt", str(out / "last.pt"), "--data-dir", data]))
+        eval_linear.main(eval_linear.get_args_parser().parse_args(
+            ["--ckpt", str(out / "last.pt"), "--data-dir", data]))
 
 
-def test_eval_on_val_holds_out_training_images_and_never_reads_the_test_split(pretrained, capsys, monkeypatch):
+def test_eval_on_val_holds_out_training_images_and_never_reads_the_test_split(pretrained, capsys,
+                                                                              monkeypatch):
     data, out = pretrained
     real = evaluation.get_dataset
 
@@ -179,75 +208,90 @@ def test_eval_on_val_holds_out_training_images_and_never_reads_the_test_split(pr
         return real(name, root, split, **kw)
     monkeypatch.setattr(evaluation, "get_dataset", no_test)
     capsys.readouterr()
-    common = ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data, "--eval-on", "val",
-              "--val-fraction", "0.2", "--amp", "off"]
+    common = ["--ckpt", str(out / "last.pt"), "--random-init", "--data-dir", data,
+              "--eval-on", "val", "--val-fraction", "0.2", "--amp", "off"]
     eval_linear.main(eval_linear.get_args_parser().parse_args(common))
     finetune.main(finetune.get_args_parser().parse_args(
         common + ["--epochs", "1", "--lr", "0.05", "0.1", "--lr-random", "0.2"]))
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["eval_on"] == "val" and result["test_samples"] == 10 and result["train_samples"] == 50  # 1 in 6
+    assert (result["eval_on"] == "val" and result["test_samples"] == 10
+            and result["train_samples"] == 50)  # 1 in 6
     assert all(r["split"] == "val" for r in result["results"])
     assert {r["protocol"] for r in result["results"]} == {"linear", "finetune"}
     lrs = {(r["encoder"], r["lr"]) for r in result["results"] if r["protocol"] == "finetune"}
-    assert lrs == {("simclr", 0.05), ("simclr", 0.1), ("random", 0.2)}  # the random network's own rate
+    # the random network's own rate
+    assert lrs == {("simclr", 0.05), ("simclr", 0.1), ("random", 0.2)}
     assert os.path.exists(out / "eval_fashion-mnist_val.json")
 
 
 def test_validation_images_are_class_balanced_fixed_and_apart_from_training(pretrained):
     data, _ = pretrained
-    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir", data, "--eval-on",
-                                                     "val", "--val-fraction", "0.2", "--seed", "5"])
+    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist",
+                                                     "--data-dir", data, "--eval-on", "val",
+                                                     "--val-fraction", "0.2", "--seed", "5"])
     a = evaluation.load_data(args, {}, torch.device("cpu"))
     args.seed = 6  # another run's seed: the same validation images
     b = evaluation.load_data(args, {}, torch.device("cpu"))
     assert torch.equal(a.eval_images, b.eval_images)  # fixed by --val-seed, whatever --seed
-    assert torch.bincount(a.eval_labels, minlength=10).tolist() == [1] * 10  # round(0.2 x 6) of each class
+    # round(0.2 x 6) of each class
+    assert torch.bincount(a.eval_labels, minlength=10).tolist() == [1] * 10
     train_rows = {tuple(x.flatten().tolist()) for x in a.train_images}
     assert not any(tuple(x.flatten().tolist()) in train_rows for x in a.eval_images)
     assert len(a.train_labels) + len(a.eval_labels) == 60 and len(a.eval_labels) == 10
 
 
-RESNET50 = dict(arch="resnet50", width=0.25, cifar_stem=True, stem_stride=1, proj_dim=128, proj_layers=2,
-                proj_out_bn=True, init="official", dataset="fashion-mnist", image_size=28)
+RESNET50 = dict(arch="resnet50", width=0.25, cifar_stem=True, stem_stride=1, proj_dim=128,
+                proj_layers=2, proj_out_bn=True, init="official", dataset="fashion-mnist",
+                image_size=28)
 
 
 def test_fitted_bn_statistics_are_those_of_every_bn_input_over_all_images(tmp_path):
-    """The fitted random baseline: every BN of the network normalises with the mean and variance of its inputs
-    over all the training images, here 1100 of them in 3 batches of unequal size (512, 512, 76): BN's own
-    cumulative average would weigh the small batch like the others, and miss the spread between batches."""
+    """The fitted random baseline: every BN of the network normalises with the mean and variance of
+    its inputs over all the training images, here 1100 of them in 3 batches of unequal size
+    (512, 512, 76): BN's own cumulative average would weigh the small batch like the others, and
+    miss the spread between batches."""
     data = str(write_idx(tmp_path / "fm", n_train=1100, n_test=20))
-    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir", data])
+    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist",
+                                                     "--data-dir", data])
     d = evaluation.load_data(args, RESNET50, torch.device("cpu"))
     model = evaluation.random_network(RESNET50, seed=0, zero_init_residual=False)
-    enc = evaluation.fit_bn_statistics(model.encoder, d.train_images, d.view, torch.device("cpu"), None)
+    enc = evaluation.fit_bn_statistics(model.encoder, d.train_images, d.view,
+                                       torch.device("cpu"), None)
     bns = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 53
-    # the reference: the same pass in train mode, every BN's inputs kept, statistics over all of them in float64
+    # the reference: the same pass in train mode, every BN's inputs kept, statistics over all of
+    # them in float64
     ref = evaluation.random_network(RESNET50, seed=0, zero_init_residual=False).encoder
     inputs = {i: [] for i in range(len(bns))}
     ref_bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for i, bn in enumerate(ref_bns):
-        bn.register_forward_pre_hook(lambda m, x, i=i: inputs[i].append(x[0].double().transpose(0, 1).flatten(1)))
+        bn.register_forward_pre_hook(
+            lambda m, x, i=i: inputs[i].append(x[0].double().transpose(0, 1).flatten(1)))
     with torch.no_grad():
         for k in range(0, 1100, 512):
-            ref.train()(d.view.batch(d.train_images[k:k + 512]).contiguous(memory_format=torch.channels_last))
+            ref.train()(d.view.batch(d.train_images[k:k + 512]).contiguous(
+                memory_format=torch.channels_last))
     for i, bn in enumerate(bns):
         x = torch.cat(inputs[i], dim=1)  # (C, all pixels of all images)
         # per-batch float32 statistics pooled in float64: ~1e-6 relative; 1e-4 leaves room for other
         # summation orders of the convolutions between the two passes
-        torch.testing.assert_close(bn.running_mean.double(), x.mean(1), rtol=1e-4, atol=1e-5, msg=str(i))
-        torch.testing.assert_close(bn.running_var.double(), x.var(1), rtol=1e-4, atol=1e-5, msg=str(i))
+        torch.testing.assert_close(bn.running_mean.double(), x.mean(1), rtol=1e-4, atol=1e-5,
+                                   msg=str(i))
+        torch.testing.assert_close(bn.running_var.double(), x.var(1), rtol=1e-4, atol=1e-5,
+                                   msg=str(i))
     assert not enc.training
 
 
 def test_random_init_baseline_has_working_branches_and_estimated_bn_statistics(tmp_path):
-    """The 'all branches' random networks: every residual branch outputs something (zero init leaves each block
-    the identity), and with fitted BN no BN keeps the fresh variance 1."""
+    """The 'all branches' random networks: every residual branch outputs something (zero init leaves
+    each block the identity), and with fitted BN no BN keeps the fresh variance 1."""
     data = str(write_idx(tmp_path / "fm", n_train=60, n_test=20))
-    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--data-dir", data])
+    args = eval_linear.get_args_parser().parse_args(["--dataset", "fashion-mnist",
+                                                     "--data-dir", data])
     model = evaluation.random_network(RESNET50, seed=0, zero_init_residual=False)
     d = evaluation.load_data(args, RESNET50, torch.device("cpu"))
-    enc = evaluation.fit_bn_statistics(model.encoder, d.train_images, d.view, torch.device("cpu"), None)
+    enc = evaluation.fit_bn_statistics(model.encoder, d.train_images, d.view,
+                                       torch.device("cpu"), None)
     outputs = []
     for block in (b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer):
         block.bn3.register_forward_hook(lambda m, i, o: outputs.append(o.abs().max().item()))
@@ -258,10 +302,11 @@ def test_random_init_baseline_has_working_branches_and_estimated_bn_statistics(t
     assert not any(torch.allclose(bn.running_var, torch.ones_like(bn.running_var)) for bn in bns)
 
 
-def test_the_reported_random_network_is_the_best_variant_on_held_out_training_images(pretrained, capsys,
-                                                                                      monkeypatch):
-    """eval_linear.py --random-init scores each random variant by a probe fitted on 80% of a sample of training
-    images and scored on the other 20%, never on the evaluation images, and reports the best by name."""
+def test_the_reported_random_network_is_the_best_variant_on_held_out_training_images(
+        pretrained, capsys, monkeypatch):
+    """eval_linear.py --random-init scores each random variant by a probe fitted on 80% of a sample
+    of training images and scored on the other 20%, never on the evaluation images, and reports the
+    best by name."""
     data, out = pretrained
     seen = []
     real = eval_linear.linear_probe
@@ -278,8 +323,10 @@ def test_the_reported_random_network_is_the_best_variant_on_held_out_training_im
     assert set(scores) == set(eval_linear.RANDOM_VARIANTS)
     assert random_row["variant"] == max(scores, key=scores.get)
     assert result["random_top1"] == random_row["top1"]
-    assert seen[1:5] == [12] * 4  # the four variants scored on 20% of the 60 training images, not the 20 test
-    assert any(random_row["variant"] in line for line in capsys.readouterr().out.splitlines())  # the table
+    # the four variants scored on 20% of the 60 training images, not the 20 test
+    assert seen[1:5] == [12] * 4
+    # the table
+    assert any(random_row["variant"] in line for line in capsys.readouterr().out.splitlines())
 
 
 def test_nearest_neighbours_are_the_most_cosine_similar(tmp_path):
@@ -292,18 +339,20 @@ def test_nearest_neighbours_are_the_most_cosine_similar(tmp_path):
 
 
 def test_h_and_z_and_the_neighbours_picture(pretrained, capsys):
-    """--head-layers 0 1 2: the probe on h, after the head's first layer and on z (the default head has 2); the
-    headline simclr_top1 stays h's; neighbours_DATASET.png has a panel per encoder, its 28 px images at 84 px."""
+    """--head-layers 0 1 2: the probe on h, after the head's first layer and on z (the default head
+    has 2); the headline simclr_top1 stays h's; neighbours_DATASET.png has a panel per encoder,
+    its 28 px images at 84 px."""
     from PIL import Image
     data, out = pretrained
     capsys.readouterr()
     result = eval_linear.main(eval_linear.get_args_parser().parse_args(
-        ["--ckpt", str(out / "last.pt"), "--random-init", "--pixels", "--data-dir", data, "--amp", "off",
-         "--head-layers", "0", "1", "2", "--neighbours", "4"]))
+        ["--ckpt", str(out / "last.pt"), "--random-init", "--pixels", "--data-dir", data,
+         "--amp", "off", "--head-layers", "0", "1", "2", "--neighbours", "4"]))
     simclr = [r for r in result["results"] if r["encoder"] == "simclr"]
     assert [r.get("head_layers", 0) for r in simclr] == [0, 1, 2]
     assert result["simclr_top1"] == simclr[0]["top1"]
-    assert {r["encoder"] for r in result["results"] if r.get("head_layers")} == {"simclr"}  # h only for the rest
+    # h only for the rest
+    assert {r["encoder"] for r in result["results"] if r.get("head_layers")} == {"simclr"}
     path = out / "neighbours_fashion-mnist.png"
     assert str(path) in result["plots"]
     width, height = Image.open(path).size

@@ -1,5 +1,6 @@
-"""GlobalBatchNorm over 2 gloo processes equals nn.BatchNorm on the whole batch, in float32, on inputs whose mean
-(1e4) is large against their spread (1), where E[x^2] - E[x]^2 loses every digit of the variance."""
+"""GlobalBatchNorm over 2 gloo processes equals nn.BatchNorm on the whole batch, in float32, on
+inputs whose mean (1e4) is large against their spread (1), where E[x^2] - E[x]^2 loses every digit
+of the variance."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,7 +16,8 @@ def batch():
     """Float32 inputs 1e4 + N(0, 1), the gradient of the output, and the affine parameters."""
     g = torch.Generator().manual_seed(0)
     x = 1e4 + torch.randn(N, C, H, H, generator=g)
-    return x, torch.randn(N, C, H, H, generator=g), 1 + torch.rand(C, generator=g), torch.randn(C, generator=g)
+    return (x, torch.randn(N, C, H, H, generator=g), 1 + torch.rand(C, generator=g),
+            torch.randn(C, generator=g))
 
 
 def reference():
@@ -53,16 +55,20 @@ def test_two_ranks_equal_batch_norm_on_the_whole_batch_with_a_large_mean(tmp_pat
     mp.spawn(_rank, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     y, grad, state = reference()
-    # The mean of values near 1e4 is known to a few float32 ulps of 1e4 (ULP ~ 1e-3) in either implementation,
-    # each summing in its own order; that error reaches the normalised output and the input gradient unscaled
-    # (std ~ 1, weights < 2). E[x^2] - E[x]^2 would be off by ulps of 1e8 (8), not of 1e4.
+    # The mean of values near 1e4 is known to a few float32 ulps of 1e4 (ULP ~ 1e-3) in either
+    # implementation, each summing in its own order; that error reaches the normalised output and
+    # the input gradient unscaled (std ~ 1, weights < 2). E[x^2] - E[x]^2 would be off by ulps
+    # of 1e8 (8), not of 1e4.
     torch.testing.assert_close(torch.cat([g["y"] for g in got]), y, rtol=0, atol=8 * ULP)
     torch.testing.assert_close(torch.cat([g["grad"] for g in got]), grad, rtol=0, atol=8 * ULP)
     for g in got:
         assert g["state"].keys() == state.keys()
         assert g["state"]["num_batches_tracked"] == state["num_batches_tracked"] == 1
-        # running_mean = 0.9 * 0 + 0.1 * mean: a tenth of the error of the mean, plus rounding near 1e3
-        torch.testing.assert_close(g["state"]["running_mean"], state["running_mean"], rtol=0, atol=ULP)
-        # running_var = 0.9 + 0.1 * (unbiased variance ~ 1): squares about a mean off by ~ULP change it by
-        # ~ULP^2; what is left is float32 rounding of sums of O(1) terms, ~1e-6 relative
-        torch.testing.assert_close(g["state"]["running_var"], state["running_var"], rtol=1e-5, atol=0)
+        # running_mean = 0.9 * 0 + 0.1 * mean: a tenth of the error of the mean, plus rounding
+        # near 1e3
+        torch.testing.assert_close(g["state"]["running_mean"], state["running_mean"],
+                                   rtol=0, atol=ULP)
+        # running_var = 0.9 + 0.1 * (unbiased variance ~ 1): squares about a mean off by ~ULP change
+        # it by ~ULP^2; what is left is float32 rounding of sums of O(1) terms, ~1e-6 relative
+        torch.testing.assert_close(g["state"]["running_var"], state["running_var"],
+                                   rtol=1e-5, atol=0)

@@ -1,5 +1,5 @@
-"""The projection head against the official code's layout, old checkpoints, and the untrained network that the
-random-init baseline uses."""
+"""The projection head against the official code's layout, old checkpoints, and the untrained
+network that the random-init baseline uses."""
 import pytest
 import torch
 import torch.nn as nn
@@ -9,9 +9,10 @@ from model import ProjectionHead, SimCLR, build_encoder
 
 
 def official_head(h, layers):
-    """google-research/simclr model_util.projection_head, written out in float64: each layer is a dense layer
-    without bias then BN over the batch (biased variance, eps 1e-5); hidden layers have BN's beta and a ReLU, the
-    output layer BN's gamma only (center=False) and no ReLU. Weights are read from our module's layers in order."""
+    """google-research/simclr model_util.projection_head, written out in float64: each layer is a
+    dense layer without bias then BN over the batch (biased variance, eps 1e-5); hidden layers have
+    BN's beta and a ReLU, the output layer BN's gamma only (center=False) and no ReLU. Weights are
+    read from our module's layers in order."""
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     bns = [m for m in layers if isinstance(m, nn.BatchNorm1d)]
     x = h.double()
@@ -29,7 +30,8 @@ def test_head_is_the_official_layout(layers):
     torch.manual_seed(0)
     head = ProjectionHead(32, proj_dim=16, layers=layers).double()
     kinds = [type(m) for m in head.net]
-    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * (layers - 1) + [nn.Linear, nn.BatchNorm1d]
+    assert kinds == ([nn.Linear, nn.BatchNorm1d, nn.ReLU] * (layers - 1)
+                     + [nn.Linear, nn.BatchNorm1d])
     assert all(m.bias is None for m in head.net if isinstance(m, nn.Linear))
     out_bn = head.net[-1]
     assert not out_bn.affine and head.scale.shape == (16,)  # gamma, no beta, on the output layer
@@ -40,7 +42,8 @@ def test_head_is_the_official_layout(layers):
                 m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
     h = torch.randn(64, 32, dtype=torch.float64)
     ref = official_head(h, list(head.net)) * head.scale.double()
-    torch.testing.assert_close(head.train()(h), ref, rtol=1e-10, atol=1e-10)  # float64: the same ops, reordered
+    # float64: the same ops, reordered
+    torch.testing.assert_close(head.train()(h), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_paper_head_without_output_bn_keeps_the_old_layout():
@@ -50,8 +53,9 @@ def test_paper_head_without_output_bn_keeps_the_old_layout():
 
 
 def test_a_checkpoint_from_before_the_head_flags_still_loads(tmp_path):
-    """Checkpoints written before --stem-stride/--proj-layers/--proj-out-bn lack those args: loading one fills in
-    the values those runs used (harness.CHECKPOINT_DEFAULTS), so that from_args rebuilds their head."""
+    """Checkpoints written before --stem-stride/--proj-layers/--proj-out-bn lack those args: loading
+    one fills in the values those runs used (harness.CHECKPOINT_DEFAULTS), so that from_args
+    rebuilds their head."""
     torch.manual_seed(0)
     old = SimCLR("resnet18", proj_dim=16, cifar_stem=True, width=0.125, proj_out_bn=False)
     args = {"arch": "resnet18", "proj_dim": 16, "cifar_stem": True, "width": 0.125}
@@ -68,13 +72,15 @@ def test_a_checkpoint_from_before_the_head_flags_still_loads(tmp_path):
 
 
 def test_residual_branches_contribute_without_zero_init():
-    """The random-init baseline's network: every residual branch's last BN starts at one, so every block adds
-    something (with zero init each block is the identity and its branch outputs exactly 0)."""
+    """The random-init baseline's network: every residual branch's last BN starts at one, so every
+    block adds something (with zero init each block is the identity and its branch outputs
+    exactly 0)."""
     torch.manual_seed(0)
     for zero, expect in ((True, False), (False, True)):
         enc, _ = build_encoder("resnet50", cifar_stem=True, width=0.25, zero_init_residual=zero)
         outputs = []
-        for block in (b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer):
+        for block in (b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4)
+                      for b in layer):
             block.bn3.register_forward_hook(lambda m, i, o: outputs.append(o.abs().max().item()))
         enc.eval()(torch.randn(2, 3, 28, 28))
         assert len(outputs) == 16 and all((x > 0) == expect for x in outputs), (zero, outputs)

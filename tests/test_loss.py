@@ -38,8 +38,9 @@ def test_matches_float64_reference_values_and_gradients(n, tau):
     slow = reference(z1, z2, tau)
     g_slow = torch.autograd.grad(slow, (z1, z2))
     assert fast.dtype == torch.float64
-    # float64 both ways (eps 1.1e-16): losses <= 13 (ulp 1.8e-15) and gradients <= 2 through ~100 ops summed in
-    # another order: ~1e-13 -> 1e-12 (measured 4e-16 and 9e-16). A float32 step inside would be off by ~1e-7.
+    # float64 both ways (eps 1.1e-16): losses <= 13 (ulp 1.8e-15) and
+    # gradients <= 2 through ~100 ops summed in another order:
+    # ~1e-13 -> 1e-12 (measured 4e-16 and 9e-16). A float32 step inside would be off by ~1e-7.
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -54,7 +55,8 @@ def test_symmetric_in_the_views():
 @pytest.mark.parametrize("n", [1, 3, 64])
 def test_identical_embeddings_give_log_2n_minus_1(n):
     z = torch.ones(n, 5, dtype=torch.float64)
-    # float64: logsumexp of 2n - 1 equal logits 2 minus 2, values <= 7 (ulp 8.9e-16), a few roundings -> 1e-12
+    # float64: logsumexp of 2n - 1 equal logits 2 minus 2, values <= 7 (ulp 8.9e-16), a few
+    # roundings -> 1e-12
     assert nt_xent(z, z.clone(), 0.5).item() == pytest.approx(math.log(2 * n - 1), abs=1e-12)
 
 
@@ -62,7 +64,8 @@ def test_scale_invariant_and_lower_for_matching_views():
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(32, 16, generator=g)
     torch.testing.assert_close(nt_xent(z1, 3 * z1), nt_xent(z1, z1))
-    assert nt_xent(z1, z1 + 0.01 * torch.randn(32, 16, generator=g)) < nt_xent(z1, torch.randn(32, 16, generator=g))
+    assert (nt_xent(z1, z1 + 0.01 * torch.randn(32, 16, generator=g))
+            < nt_xent(z1, torch.randn(32, 16, generator=g)))
 
 
 def test_float32_under_autocast_and_half_inputs_without_overflow():
@@ -83,17 +86,20 @@ def test_loss_py_imports_no_sibling():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     siblings = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
     tree = ast.parse(open(os.path.join(root, "loss.py")).read())
-    names = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    foreign = {n for n in names if n not in sys.stdlib_module_names and n not in {"torch", "torchvision", "numpy"}}
+    names = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for a in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom)}
+    foreign = {n for n in names
+               if n not in sys.stdlib_module_names and n not in {"torch", "torchvision", "numpy"}}
     assert not names & siblings and not foreign, names
 
 
-# ------------------------------------------------------------------------------------ label-free monitors
+# ------------------------------------------------------------------------------ label-free monitors
 
 def reference_monitors(z1, z2):
-    """float64, slow and obvious: each anchor's most similar other view (a tie shared among the tied), and the
-    per-dimension standard deviation of the normalised embeddings times sqrt(d)."""
+    """float64, slow and obvious: each anchor's most similar other view (a tie shared among the
+    tied), and the per-dimension standard deviation of the normalised embeddings times sqrt(d)."""
     z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
     two_n, d = z.shape
     n = two_n // 2
@@ -111,13 +117,15 @@ def reference_monitors(z1, z2):
 def test_monitors_match_the_reference(n, tau):
     g = torch.Generator().manual_seed(n)
     z1 = torch.randn(n, 8, generator=g, dtype=torch.float64)
-    z2 = z1 + 1.2 * torch.randn(n, 8, generator=g, dtype=torch.float64)  # positives closer than chance
+    # positives closer than chance
+    z2 = z1 + 1.2 * torch.randn(n, 8, generator=g, dtype=torch.float64)
     loss, monitors = nt_xent(z1, z2, tau, monitors=True)
     top1, spread = reference_monitors(z1, z2)
     assert 0 < top1 < 1  # some anchors find their positive, some not: the test can tell them apart
     assert monitors["contrastive_top1"].item() == pytest.approx(top1, abs=1e-12)
     assert monitors["spread"].item() == pytest.approx(spread, rel=1e-9)  # the same float64 sums
-    torch.testing.assert_close(loss, nt_xent(z1, z2, tau))  # the loss is the same with or without them
+    # the loss is the same with or without them
+    torch.testing.assert_close(loss, nt_xent(z1, z2, tau))
 
 
 def test_a_collapsed_batch_scores_zero_spread_and_chance_top1():
@@ -125,7 +133,8 @@ def test_a_collapsed_batch_scores_zero_spread_and_chance_top1():
     z = torch.ones(n, 16)  # every view the same point
     _, monitors = nt_xent(z, z.clone(), 0.5, monitors=True)
     assert monitors["spread"].item() == 0.0
-    assert monitors["contrastive_top1"].item() == pytest.approx(1 / (2 * n - 1))  # each of 2N - 1 tied
+    # each of 2N - 1 tied
+    assert monitors["contrastive_top1"].item() == pytest.approx(1 / (2 * n - 1))
 
 
 def test_identical_views_find_every_positive():
@@ -133,5 +142,6 @@ def test_identical_views_find_every_positive():
     z = torch.randn(32, 16, generator=g)
     _, monitors = nt_xent(z, z.clone(), 0.5, monitors=True)
     assert monitors["contrastive_top1"].item() == 1.0
-    # 64 points, two copies of 32 directions in 16 dimensions: spread near 1 (0.8-1.1 for such samples)
+    # 64 points, two copies of 32 directions in 16 dimensions: spread near 1
+    # (0.8-1.1 for such samples)
     assert 0.8 < monitors["spread"].item() < 1.2

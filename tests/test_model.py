@@ -44,7 +44,8 @@ def test_cifar_stem_encoder_loads_after_the_same_stem_swap():
     net.load_state_dict(m.encoder.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("arch,width,feat", [("resnet18", 0.25, 128), ("resnet18", 2.0, 1024), ("resnet50", 0.5, 1024)])
+@pytest.mark.parametrize("arch,width,feat", [("resnet18", 0.25, 128), ("resnet18", 2.0, 1024),
+                                             ("resnet50", 0.5, 1024)])
 def test_width_multiplier(arch, width, feat):
     enc, d = build_encoder(arch, cifar_stem=True, width=width)
     assert d == feat
@@ -52,7 +53,8 @@ def test_width_multiplier(arch, width, feat):
     full, _ = build_encoder(arch, cifar_stem=True)
     assert set(enc.state_dict()) == set(full.state_dict())  # same module names as torchvision's
     n, n_full = sum(p.numel() for p in enc.parameters()), sum(p.numel() for p in full.parameters())
-    # conv weights scale as width^2, the stem's 3 input channels and BN weights as width: <= 0.3% off here -> 1%
+    # conv weights scale as width^2, the stem's 3 input channels and BN weights as
+    # width: <= 0.3% off here -> 1%
     assert n == pytest.approx(n_full * width ** 2, rel=0.01)
 
 
@@ -63,7 +65,8 @@ def test_residual_branches_start_at_zero():
 
 
 def test_projection_head_dims():
-    """The hidden layer keeps the encoder's width, the output is proj_dim (the layout: tests/test_head.py)."""
+    """The hidden layer keeps the encoder's width, the output is proj_dim (the layout:
+    tests/test_head.py)."""
     m = SimCLR("resnet18", proj_dim=128)
     assert m.projector.net[0].in_features == m.projector.net[0].out_features == 512
     assert m(torch.randn(2, 3, 64, 64))[1].shape == (2, 128)
@@ -75,9 +78,10 @@ def test_unknown_arch():
 
 
 def test_conv_and_head_init_follow_the_official_code():
-    """Every conv as TF's variance_scaling_initializer (google-research/simclr resnet.py): a normal truncated at
-    two of its standard deviations, whose std is then sqrt(1 / fan_in) (torchvision's kaiming fan_out gives
-    sqrt(2 / fan_out), 41% more for a square 3x3 conv); the head's dense layers N(0, 0.01) (model_util.py)."""
+    """Every conv as TF's variance_scaling_initializer (google-research/simclr resnet.py): a normal
+    truncated at two of its standard deviations, whose std is then sqrt(1 / fan_in) (torchvision's
+    kaiming fan_out gives sqrt(2 / fan_out), 41% more for a square 3x3 conv); the head's dense
+    layers N(0, 0.01) (model_util.py)."""
     m = SimCLR("resnet50", cifar_stem=True, width=0.5)
     convs = [c for c in m.encoder.modules() if isinstance(c, nn.Conv2d)]
     checked = 0
@@ -85,7 +89,8 @@ def test_conv_and_head_init_follow_the_official_code():
         fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         w = conv.weight.detach()
         assert w.abs().max() <= 2 * (1 / fan_in) ** 0.5 / 0.87962566 + 1e-6  # truncated at 2 sigma
-        if w.numel() >= 10000:  # the sample std is then within ~0.7% (1 / sqrt(2n)) of the true one: 5% is 7 sigma
+        # the sample std is then within ~0.7% (1 / sqrt(2n)) of the true one: 5% is 7 sigma
+        if w.numel() >= 10000:
             assert w.std().item() == pytest.approx((1 / fan_in) ** 0.5, rel=0.05)
             checked += 1
     assert checked >= 40

@@ -1,4 +1,5 @@
-"""Never lose a run: exact resume after a kill or a signal, safe checkpoint loading, one-line errors."""
+"""Never lose a run: exact resume after a kill or a signal, safe checkpoint loading, one-line
+errors."""
 import json
 import os
 import pickle
@@ -15,8 +16,8 @@ import harness
 import train
 from conftest import ROOT, one_line_exit_2, write_idx
 
-TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.25", "--batch-size", "16", "--amp", "off",
-        "--no-download", "--no-aug-compile", "--log-every", "5", "--seed", "3"]
+TINY = ["--dataset", "fashion-mnist", "--arch", "resnet18", "--width", "0.25", "--batch-size", "16",
+        "--amp", "off", "--no-download", "--no-aug-compile", "--log-every", "5", "--seed", "3"]
 
 
 def run_cmd(argv):
@@ -33,16 +34,18 @@ def same_checkpoints(a, b):
             assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
 
 
-@pytest.mark.parametrize("how,pipeline", [("SIGKILL", "batched"), ("SIGTERM", "batched"), ("SIGKILL", "per-image")])
+@pytest.mark.parametrize("how,pipeline", [("SIGKILL", "batched"), ("SIGTERM", "batched"),
+                                          ("SIGKILL", "per-image")])
 def test_killed_run_resumes_bit_identical(tmp_path, how, pipeline):
-    """Slow-ish (three training processes). Reference run, then the same command killed part-way (after its
-    first checkpoint, mid-epoch) and run again: the final weights and optimiser state are bit-identical."""
+    """Slow-ish (three training processes). Reference run, then the same command killed part-way
+    (after its first checkpoint, mid-epoch) and run again: the final weights and optimiser state are
+    bit-identical."""
     write_idx(tmp_path / "data", n_train=80, n_test=10)  # 5 steps per epoch
-    args = TINY + ["--data-dir", str(tmp_path / "data"), "--epochs", "6", "--warmup-epochs", "1", "--save-every", "2",
-                   "--pipeline", pipeline, "--workers", "2"]
+    args = TINY + ["--data-dir", str(tmp_path / "data"), "--epochs", "6", "--warmup-epochs", "1",
+                   "--save-every", "2", "--pipeline", pipeline, "--workers", "2"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    ref = subprocess.run(run_cmd(args + ["--output-dir", str(tmp_path / "ref")]), capture_output=True, text=True,
-                         env=env, timeout=300)
+    ref = subprocess.run(run_cmd(args + ["--output-dir", str(tmp_path / "ref")]),
+                         capture_output=True, text=True, env=env, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / "run"
@@ -68,12 +71,12 @@ def test_killed_run_resumes_bit_identical(tmp_path, how, pipeline):
 
 
 def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
-    """Two SIGINTs in a row: the run stops (exit 130, or 0 when the step and its save ended between the two), one
-    line instead of a traceback, and last.pt still loads."""
+    """Two SIGINTs in a row: the run stops (exit 130, or 0 when the step and its save ended between
+    the two), one line instead of a traceback, and last.pt still loads."""
     write_idx(tmp_path / "data", n_train=80, n_test=10)
     out = tmp_path / "run"
-    cmd = run_cmd(TINY + ["--data-dir", str(tmp_path / "data"), "--epochs", "50", "--save-every", "1",
-                          "--output-dir", str(out)])
+    cmd = run_cmd(TINY + ["--data-dir", str(tmp_path / "data"), "--epochs", "50",
+                          "--save-every", "1", "--output-dir", str(out)])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1"})
     deadline = time.time() + 120
@@ -91,14 +94,15 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["step"] > 0
 
 
-# ------------------------------------------------------------------------------------------------ bad input
+# ---------------------------------------------------------------------------------------- bad input
 
 def train_main(argv):
     return lambda: train.main(harness.Parser(parents=[train.get_args_parser()]).parse_args(argv))
 
 
 def eval_main(argv):
-    return lambda: eval_linear.main(harness.Parser(parents=[eval_linear.get_args_parser()]).parse_args(argv))
+    return lambda: eval_linear.main(
+        harness.Parser(parents=[eval_linear.get_args_parser()]).parse_args(argv))
 
 
 @pytest.fixture
@@ -107,7 +111,8 @@ def fm(tmp_path):
 
 
 @pytest.mark.parametrize("case,argv,expect", [
-    ("missing dataset", ["--dataset", "stl10", "--data-dir", "nowhere", "--no-download"], "stl10_binary.tar.gz"),
+    ("missing dataset", ["--dataset", "stl10", "--data-dir", "nowhere", "--no-download"],
+     "stl10_binary.tar.gz"),
     ("unknown dataset", ["--dataset", "mnist"], "invalid choice: 'mnist'"),
     ("unknown arch", ["--arch", "vgg16"], "invalid choice: 'vgg16'"),
     ("batch below 2", ["--batch-size", "1"], "at least 2"),
@@ -129,7 +134,8 @@ def fm(tmp_path):
     *([("no GPU", ["--device", "cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_train_flags(capsys, fm, case, argv, expect):
-    err = one_line_exit_2(capsys, train_main(["--dataset", "fashion-mnist", "--data-dir", fm, *argv]))
+    err = one_line_exit_2(capsys, train_main(["--dataset", "fashion-mnist", "--data-dir", fm,
+                                              *argv]))
     assert expect in err, err
 
 
@@ -145,12 +151,14 @@ def test_empty_folder_and_folder_without_images(capsys, tmp_path):
 
 def test_batch_that_does_not_divide_over_ranks(capsys, fm):
     args = train.get_args_parser().parse_args(["--batch-size", "15"])
-    assert "does not divide over 2 ranks" in one_line_exit_2(capsys, lambda: train.resolve_args(args, world_size=2))
+    assert "does not divide over 2 ranks" in one_line_exit_2(
+        capsys, lambda: train.resolve_args(args, world_size=2))
 
 
 def test_output_dir_not_writable(capsys, fm, tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
-    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(tmp_path / "file" / "x")]))
+    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm,
+                                                     "--output-dir", str(tmp_path / "file" / "x")]))
     assert "is not writable" in err
 
 
@@ -164,8 +172,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(capsys, fm, tmp_path, mo
         loss, monitors = real(*a, **k)
         return loss * float("nan"), monitors
     monkeypatch.setattr(train, "nt_xent", diverged)
-    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "9",
-                                                     "--extend"]))
+    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(out),
+                                                     "--max-steps", "9", "--extend"]))
     assert "loss is not finite at step 3" in err and "last good checkpoint" in err
     assert (out / "last.pt").read_bytes() == before
 
@@ -174,7 +182,8 @@ def test_out_of_memory_is_one_line(capsys, fm, tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(train, "train_step", oom)
-    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm, "--output-dir", str(tmp_path / "r")]))
+    err = one_line_exit_2(capsys, train_main(TINY + ["--data-dir", fm,
+                                                     "--output-dir", str(tmp_path / "r")]))
     assert "out of memory" in err and "smaller --batch-size" in err
 
 
@@ -183,8 +192,10 @@ def test_checkpoint_of_another_arch_names_both_and_is_kept(capsys, fm, tmp_path)
     train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1"])()
     before = (out / "last.pt").read_bytes()
     capsys.readouterr()
-    argv = [a if a != "0.25" else "0.5" for a in TINY]  # width 0.5 into a folder that holds width 0.25
-    err = one_line_exit_2(capsys, train_main(argv + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2"]))
+    # width 0.5 into a folder that holds width 0.25
+    argv = [a if a != "0.25" else "0.5" for a in TINY]
+    err = one_line_exit_2(capsys, train_main(argv + ["--data-dir", fm, "--output-dir", str(out),
+                                                     "--max-steps", "2"]))
     assert "width 0.25" in err and "width 0.5" in err
     assert (out / "last.pt").read_bytes() == before
 
@@ -194,7 +205,8 @@ def test_checkpoint_of_another_arch_names_both_and_is_kept(capsys, fm, tmp_path)
     ({"off": "bf16"}, "--amp off"),
     ({"--seed": ["--optimizer", "adam", "--seed"]}, "--optimizer lars"),
 ])
-def test_resume_with_another_batch_size_optimizer_or_amp_is_refused(capsys, fm, tmp_path, change, expect):
+def test_resume_with_another_batch_size_optimizer_or_amp_is_refused(capsys, fm, tmp_path, change,
+                                                                    expect):
     out = tmp_path / "run"
     train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1"])()
     before = (out / "last.pt").read_bytes()
@@ -210,31 +222,40 @@ def test_resume_with_another_batch_size_optimizer_or_amp_is_refused(capsys, fm, 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(fm, tmp_path):
     out = tmp_path / "run"
-    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1", "--epochs", "2"])()
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "1",
+                       "--epochs", "2"])()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "lo')  # killed while the line was written
-    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2", "--epochs", "2", "--extend"])()
+    train_main(TINY + ["--data-dir", fm, "--output-dir", str(out), "--max-steps", "2",
+                       "--epochs", "2", "--extend"])()
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line parses again
     assert rows and rows[-1]["step"] == 2
 
 
 @pytest.mark.parametrize("case,argv,expect", [
     ("no dataset", ["--random-init"], "pass --dataset"),
-    ("random init without a checkpoint", ["--random-init", "--dataset", "fashion-mnist"], "pass --ckpt"),
-    ("max train samples", ["--random-init", "--dataset", "fashion-mnist", "--max-train-samples", "0"],
+    ("random init without a checkpoint", ["--random-init", "--dataset", "fashion-mnist"],
+     "pass --ckpt"),
+    ("max train samples", ["--random-init", "--dataset", "fashion-mnist",
+                           "--max-train-samples", "0"],
      "--max-train-samples must be positive"),
-    ("knn k", ["--pixels", "--dataset", "fashion-mnist", "--protocol", "knn", "--knn-k", "0"], "--knn-k must be positive"),
-    ("weight decay", ["--pixels", "--dataset", "fashion-mnist", "--weight-decay", "-1"], "--weight-decay"),
-    ("label fraction", ["--pixels", "--dataset", "fashion-mnist", "--label-fraction", "2"], "label fractions"),
+    ("knn k", ["--pixels", "--dataset", "fashion-mnist", "--protocol", "knn", "--knn-k", "0"],
+     "--knn-k must be positive"),
+    ("weight decay", ["--pixels", "--dataset", "fashion-mnist", "--weight-decay", "-1"],
+     "--weight-decay"),
+    ("label fraction", ["--pixels", "--dataset", "fashion-mnist", "--label-fraction", "2"],
+     "label fractions"),
 ])
 def test_bad_eval_flags(capsys, fm, tmp_path, case, argv, expect):
-    err = one_line_exit_2(capsys, eval_main(argv + ["--data-dir", fm, "--output-dir", str(tmp_path / "e")]))
+    err = one_line_exit_2(capsys, eval_main(argv + ["--data-dir", fm,
+                                                    "--output-dir", str(tmp_path / "e")]))
     assert expect in err, err
 
 
 def test_eval_output_dir_not_writable_fails_before_the_work(capsys, fm, tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
-    err = one_line_exit_2(capsys, eval_main(["--pixels", "--dataset", "fashion-mnist", "--data-dir", fm,
+    err = one_line_exit_2(capsys, eval_main(["--pixels", "--dataset", "fashion-mnist",
+                                             "--data-dir", fm,
                                              "--output-dir", str(tmp_path / "file" / "x")]))
     assert "not writable" in err and "--output-dir" in err
 
@@ -250,7 +271,8 @@ def test_bad_checkpoints_for_eval(capsys, fm, tmp_path, kind):
     if kind == "corrupt":
         path.write_bytes(b"\x00garbage" * 100)
     elif kind == "truncated":
-        train_main(TINY + ["--data-dir", fm, "--output-dir", str(tmp_path / "r"), "--max-steps", "1"])()
+        train_main(TINY + ["--data-dir", fm, "--output-dir", str(tmp_path / "r"),
+                           "--max-steps", "1"])()
         path.write_bytes((tmp_path / "r" / "last.pt").read_bytes()[:5000])
     elif kind == "foreign":
         torch.save([1, 2, 3], path)
