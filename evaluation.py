@@ -336,10 +336,11 @@ def headline(rows):
     10%)."""
     out = {}
     first = rows[0]["protocol"] if rows else None
-    main = {}  # protocol -> the label fraction its headline reports
+    fractions = {}  # protocol -> the label fractions it ran at, in order
     for r in rows:
-        fractions = [x["label_fraction"] for x in rows if x["protocol"] == r["protocol"]]
-        main[r["protocol"]] = 1.0 if 1.0 in fractions else fractions[0]
+        fractions.setdefault(r["protocol"], []).append(r["label_fraction"])
+    # protocol -> the label fraction its headline reports
+    main = {p: 1.0 if 1.0 in f else f[0] for p, f in fractions.items()}
     for r in rows:
         if r["label_fraction"] != main[r["protocol"]]:
             continue
