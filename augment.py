@@ -1,5 +1,5 @@
 """SimCLR's data augmentation (arXiv 2002.05709, appendix A): two random views of each image from
-crop, flip, colour distortion, grayscale, blur (and rotation, solarization), per image with
+crop, flip, colour distortion, grayscale, blur (and optionally rotation), per image with
 torchvision.transforms.v2 (SimCLRTransform) or for a whole batch on the device (BatchAugment)."""
 import math
 import warnings
@@ -15,8 +15,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class View:
-    """What a network is fed: square images of `size` px, normalised by channel mean and std."""
+class ImageSpec:
+    """The images a network is fed: squares of `size` px, normalised by channel mean and std."""
     size: int
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -61,7 +61,7 @@ class Recipe:
     s: colour distortion strength, ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with probability jitter_p
     (the paper uses s = 0.5 on CIFAR). blur_p: None means 0.5, and 0 (no blur) for views of 32 px
     or less, as in the paper's CIFAR recipe. rotate_p: a rotation by 90, 180 or 270 degrees (the
-    paper's 'rotate'; off by default). solarize_p: solarization (not in SimCLR v1; BYOL uses it)."""
+    paper's 'rotate', Figure 5; off by default)."""
     s: float = 1.0
     crop_scale: tuple = (0.08, 1.0)
     crop_ratio: tuple = (3 / 4, 4 / 3)
@@ -71,7 +71,6 @@ class Recipe:
     blur_p: float = None
     blur_sigma: tuple = (0.1, 2.0)
     rotate_p: float = 0.0
-    solarize_p: float = 0.0
 
     def blur_probability(self, size):
         if self.blur_p is not None:
@@ -86,14 +85,14 @@ def blur_kernel_size(size):
 
 class SimCLRTransform:
     """Called on a PIL image or a uint8 (C, H, W) tensor, returns (view1, view2): two independent
-    draws of the augmentation `recipe`, float32 (3, size, size), normalised as `view` says."""
+    draws of the augmentation `recipe`, float32 (3, size, size), normalised as `spec` says."""
 
-    def __init__(self, view, recipe=Recipe()):
-        self.view = view
+    def __init__(self, spec, recipe=Recipe()):
+        self.spec = spec
         r = recipe
         ops = [
             v2.ToImage(),
-            v2.RandomResizedCrop(view.size, scale=tuple(r.crop_scale), ratio=tuple(r.crop_ratio),
+            v2.RandomResizedCrop(spec.size, scale=tuple(r.crop_scale), ratio=tuple(r.crop_ratio),
                                  antialias=True),
             v2.RandomHorizontalFlip(r.flip_p),
         ]
@@ -105,13 +104,11 @@ class SimCLRTransform:
             ops.append(v2.RandomApply([jitter], p=r.jitter_p))
         if r.gray_p > 0:
             ops.append(v2.RandomGrayscale(r.gray_p))
-        blur_p = r.blur_probability(view.size)
+        blur_p = r.blur_probability(spec.size)
         if blur_p > 0:
-            blur = v2.GaussianBlur(blur_kernel_size(view.size), sigma=tuple(r.blur_sigma))
+            blur = v2.GaussianBlur(blur_kernel_size(spec.size), sigma=tuple(r.blur_sigma))
             ops.append(v2.RandomApply([blur], p=blur_p))
-        if r.solarize_p > 0:
-            ops.append(v2.RandomSolarize(threshold=128, p=r.solarize_p))
-        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(view.mean, view.std)]
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
         self.transform = v2.Compose(ops)
 
     def __call__(self, img):
@@ -125,15 +122,15 @@ def save_preview(images, transform, path, seed=0, min_tile=96):
     """Write a PNG grid with one column per image: the image, then its two views (un-normalised).
     Each tile is enlarged by a whole factor, nearest neighbour, to at least min_tile px: a 28 px
     view is legible at 112 px."""
-    view = transform.view
-    plain = view.transform()
+    spec = transform.spec
+    plain = spec.transform()
     rows = [[], [], []]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for img in images:
             v1, v2_ = transform(img)
             for row, t in zip(rows, (plain(img), v1, v2_)):
-                row.append(view.unnormalize(t))  # (3, size, size)
+                row.append(spec.unnormalize(t))  # (3, size, size)
     tiles = torch.stack(rows[0] + rows[1] + rows[2])  # (3n, 3, S, S)
     grid = torchvision.utils.make_grid(enlarge(tiles, min_tile), nrow=len(images), padding=2)
     torchvision.utils.save_image(grid, path)
@@ -194,14 +191,6 @@ def sample_grid(gx, gy, rot=None):
     return torch.stack([x, y], dim=-1)
 
 
-def resized_crop(x, boxes, size, flip=None, rot=None):
-    """Crop, resize, flip and rotate in one grid_sample (no antialiasing: a box larger than `size`
-    is sampled bilinearly, where torchvision's antialiased resize would average more pixels)."""
-    gx, gy = crop_coords(boxes, size, x.shape[2], x.shape[3], flip)
-    grid = sample_grid(gx, gy, rot)  # (B, S, S, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def luma_weights(channels, device=None):
     """ITU-R 601-2 luma weights (torchvision's grayscale) for RGB; a single channel is its own luma.
     Filled on `device`: torch.tensor of a list there would be a blocking host-to-device copy on
@@ -240,19 +229,6 @@ def color_affine(x, mat, coef, w):
     return y.view(b, c, h, wd).clamp_(0, 1)
 
 
-def _adjust(kind):
-    def adjust(x, f):
-        w = luma_weights(x.shape[1], x.device)
-        kinds = torch.full_like(f, kind, dtype=torch.long)
-        return color_affine(x, *color_maps(kinds, f, w), w)
-    return adjust
-
-
-adjust_brightness = _adjust(0)
-adjust_contrast = _adjust(1)
-adjust_saturation = _adjust(2)
-
-
 def adjust_hue(x, f):
     """Shift the hue by f (B,) turns, f in [-0.5, 0.5], keeping HSV saturation and value, as
     torchvision's RGB -> HSV -> RGB round trip but without forming S: each channel is
@@ -287,19 +263,18 @@ def gaussian_blur(x, sigma, kernel_size):
     return y.view(b, c, h, w)
 
 
-def finish(x, gray, solarize, mean, std):
-    """Grayscale (gray (B,) 0/1, as a lerp that is exactly x or its luma), solarize (B,) bool, then
-    normalise to (B, 3, H, W)."""
+def gray_and_normalize(x, gray, mean, std):
+    """Grayscale (gray (B,) 0/1, as a lerp that is exactly x or its luma), then normalise to
+    (B, 3, H, W)."""
     if x.shape[1] == 3:
         x = torch.lerp(x, grayscale(x).expand_as(x), gray.view(-1, 1, 1, 1))
-    x = torch.where(solarize.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
     return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
 class Compiled:
-    """fn through torch.compile (dynamic shapes): the elementwise chains of hue and finish become
-    one fused loop, 10x faster on the CPU. Where compiling fails (no C++ compiler, ...), fn itself,
-    after one warning."""
+    """fn through torch.compile (dynamic shapes): the elementwise chains of hue and
+    gray_and_normalize become one fused loop each, 10x faster on the CPU. Where compiling fails (no
+    C++ compiler, ...), fn itself, after one warning."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -317,27 +292,28 @@ class Compiled:
 
 
 class BatchAugment(torch.nn.Module):
-    """SimCLRTransform for a whole batch on any device: uint8 or float (B, C, H, W), C 1 or 3 -> one
-    normalised view (B, 3, size, size), each sample with its own parameters drawn from the recipe's
-    distributions as torchvision draws them, in vectorised ops (no Python loop over samples). Two
-    views: call it on the batch concatenated with itself (or twice). Colour jitter keeps
-    torchvision's random order of the four ops, per sample."""
+    """SimCLRTransform for a whole batch on any device: uint8 or float (B, C, H, W), C 1 or 3 -> two
+    normalised views (2B, 3, size, size), view 1 of image i at row i and view 2 at row B + i (as
+    loss.nt_xent takes them), each sample with its own parameters drawn from the recipe's
+    distributions as torchvision draws them, in vectorised ops (no Python loop over samples);
+    `views=1` gives one. Colour jitter keeps torchvision's random order of the four ops, per
+    sample."""
 
-    def __init__(self, view, recipe=Recipe(), compile=False):
+    def __init__(self, spec, recipe=Recipe(), compile=False):
         super().__init__()
         if 0.2 * recipe.s > 0.5:
             raise ValueError(f"colour strength s={recipe.s} gives a hue range above 0.5: "
                              "use s <= 2.5")
-        self.size = view.size
+        self.size = spec.size
         self.recipe = recipe
-        self.blur_p = recipe.blur_probability(view.size)
-        self.kernel_size = blur_kernel_size(view.size)
+        self.blur_p = recipe.blur_probability(spec.size)
+        self.kernel_size = blur_kernel_size(spec.size)
         # CPU: bytes of float pixels per chunk (4 MiB), so that its passes stay in the cache
         self.cpu_chunk_bytes = 4 << 20
         self.hue = Compiled(adjust_hue) if compile else adjust_hue
-        self.finish = Compiled(finish) if compile else finish
-        self.register_buffer("mean", torch.tensor(view.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(view.std).view(1, 3, 1, 1), persistent=False)
+        self.gray_and_normalize = Compiled(gray_and_normalize) if compile else gray_and_normalize
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     def sample_params(self, b, height, width, generator=None, device=None):
         """Per-sample parameters (dict of (B, ...) tensors), drawn as torchvision's transforms draw
@@ -398,20 +374,21 @@ class BatchAugment(torch.nn.Module):
             sigma=torch.where(rand(b) < self.blur_p,
                               r.blur_sigma[0] + (r.blur_sigma[1] - r.blur_sigma[0]) * rand(b),
                               torch.zeros(b, device=device)),  # 0: no blur
-            solarize=rand(b) < r.solarize_p,
         )
 
-    def forward(self, images, generator=None, sizes=None):
-        """One view of `images`. sizes (B, 2): each sample's original (H, W), where `images` holds
-        it resized (a folder image stored whole as a square, data.whole_images): the crop box is
-        drawn on the original, as SimCLRTransform draws it, and read from the resized pixels. None:
-        the tensor's own size. The parameters are drawn on the generator's device, by default the
-        CPU: then everything that depends on them is known on the host and reaches the GPU without
-        any stream sync."""
+    def forward(self, images, generator=None, sizes=None, views=2):
+        """`views` views of `images` (B, C, H, W): (views B, 3, size, size), view k of image i at
+        row k B + i, every view an independent draw. sizes (B, 2): each sample's original (H, W),
+        where `images` holds it resized (a folder image stored whole as a square,
+        data.whole_images): the crop box is drawn on the original, as SimCLRTransform draws it, and
+        read from the resized pixels. None: the tensor's own size. The parameters are drawn on the
+        generator's device, by default the CPU: then everything that depends on them is known on
+        the host and reaches the GPU without any stream sync."""
+        images = images.repeat(views, 1, 1, 1)  # (views B, C, H, W)
         b, _, height, width = images.shape
         device = generator.device if generator is not None else torch.device("cpu")
         if sizes is not None:
-            height, width = sizes.to(device).unbind(1)  # (B,) each
+            height, width = sizes.to(device).repeat(views, 1).unbind(1)  # (views B,) each
         return self.apply(images, self.sample_params(b, height, width, generator, device))
 
     def apply(self, images, p):
@@ -440,12 +417,10 @@ class BatchAugment(torch.nn.Module):
         # the indices where the mask is True: a stable sort puts them first
         subsets = [(~m).to(torch.uint8).argsort(stable=True)[:n] for m, n in zip(masks, counts)]
         no_gray = torch.zeros_like(p["sigma"])
-        no_solarize = torch.zeros_like(p["flip"])
         plan = dict(
             gx=gx, gy=gy, rot=p["rot"] if r.rotate_p > 0 else None, w=w, rounds=rounds,
             subsets=subsets, sigma=p["sigma"],
-            gray=p["gray"].float() if r.gray_p > 0 else no_gray,
-            solarize=p["solarize"] if r.solarize_p > 0 else no_solarize)
+            gray=p["gray"].float() if r.gray_p > 0 else no_gray)
         plan = _to_device(plan, images.device)
 
         out = torch.empty(b, 3, self.size, self.size, device=images.device)
@@ -470,8 +445,8 @@ class BatchAugment(torch.nn.Module):
             if len(blur):
                 blurred = gaussian_blur(x[blur], plan["sigma"][i:j][blur], self.kernel_size)
                 x.index_copy_(0, blur, blurred)
-            out[i:j] = self.finish(x, plan["gray"][i:j], plan["solarize"][i:j], self.mean,
-                                   self.std)  # (n, 3, S, S)
+            out[i:j] = self.gray_and_normalize(x, plan["gray"][i:j], self.mean,
+                                               self.std)  # (n, 3, S, S)
         return out
 
 

@@ -37,12 +37,12 @@ def get_args_parser():
     p.set_defaults(batch_size=None)  # 64 on the CPU, 512 on CUDA
     g = p.add_argument_group("benchmark")
     g.add_argument("--aug-batch", type=int, default=256,
-                   help="images per augmentation call (default: %(default)s)")
+                   help="images per augmentation call")
     g.add_argument("--steps", type=int, default=None,
                    help="timed steps (default: 3 on CPU, 30 on CUDA)")
     g.add_argument("--reps", type=int, default=5,
-                   help="timed calls of each smaller part (default: %(default)s)")
-    g.add_argument("--out", default="bench.json", help="(default: %(default)s)")
+                   help="timed calls of each smaller part")
+    g.add_argument("--out", default="bench.json")
     g = p.add_argument_group("gradient caching (--memory)")
     g.add_argument("--memory", action="store_true",
                    help="instead of the table above: the peak memory of one training step, plain "
@@ -50,10 +50,8 @@ def get_args_parser():
                         "--cached-batches, each in a fresh process; then the time per image of "
                         "both at --batch-size (default 256 here) with micro-batches of a quarter "
                         "of it")
-    g.add_argument("--plain-batches", type=int, nargs="+", default=[256, 512, 1024],
-                   help="(default: %(default)s)")
-    g.add_argument("--cached-batches", type=int, nargs="+", default=[1024, 4096],
-                   help="(default: %(default)s)")
+    g.add_argument("--plain-batches", type=int, nargs="+", default=[256, 512, 1024])
+    g.add_argument("--cached-batches", type=int, nargs="+", default=[1024, 4096])
     return p
 
 
@@ -93,11 +91,12 @@ def bench_augmentation(images, args, device, compile_aug):
     gen = torch.Generator().manual_seed(0)
     rates = {}
     for comp in sorted({False, compile_aug}):
-        aug = BatchAugment(train.view(args), train.recipe(args), compile=comp).to(device)
-        seconds = timed(lambda: aug(torch.cat([x, x]), gen), args.reps, device, warmup=2)
+        aug = BatchAugment(train.image_spec(args), train.recipe(args), compile=comp).to(device)
+        seconds = timed(lambda: aug(x, gen), args.reps, device, warmup=2)
         rates[comp] = args.aug_batch / seconds
 
-    ds = TwoViews(PILImages(images), SimCLRTransform(train.view(args), train.recipe(args)), seed=0)
+    transform = SimCLRTransform(train.image_spec(args), train.recipe(args))
+    ds = TwoViews(PILImages(images), transform, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.aug_batch, shuffle=True,
                                          num_workers=args.workers, drop_last=True,
                                          persistent_workers=args.workers > 0)
@@ -165,7 +164,7 @@ def main(args):
 
     # full step: gather from the resident uint8 data, two batched views, then the model step
     resident = ResidentImages(images, torch.zeros(len(images), dtype=torch.long), device)
-    aug = BatchAugment(train.view(args), train.recipe(args), compile=compile_aug).to(device)
+    aug = BatchAugment(train.image_spec(args), train.recipe(args), compile=compile_aug).to(device)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(images)).to(resident.images.device)  # no host-to-device copy per step
 
@@ -175,12 +174,12 @@ def main(args):
 
     def full():
         x = data()
-        train.train_step(net, aug(torch.cat([x, x]), gen), opt, scaler, dtype, args)
+        train.train_step(net, aug(x, gen), opt, scaler, dtype, args)
 
     step_s = timed(full, steps, device, 2)
     res["step_img_s"] = batch / step_s
     x = data()
-    augment_s = timed(lambda: aug(torch.cat([x, x]), gen), args.reps, device)
+    augment_s = timed(lambda: aug(x, gen), args.reps, device)
     res["breakdown_ms"] = {"data": timed(data, args.reps, device) * 1e3, "augment": augment_s * 1e3,
                            "model": model_s * 1e3, "full_step": step_s * 1e3}
     with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one view

@@ -471,12 +471,12 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 class TwoViewBatches:
     """One rank's pretraining batches: (views (2n, 3, S, S) on `device`, labels (n,)), view 1 of
-    image i at row i and view 2 at row n + i. Either batched, by
-    `batch_augment(x, generator, sizes=...)` (e.g. augment.BatchAugment) applied on the device to
-    the dataset held as one uint8 tensor (whole_images: a folder's images whole, each crop box drawn
-    on its original's size), its parameters drawn from a CPU generator seeded by (seed, rank, epoch,
-    step); or per image, by `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both
-    walk the same ResumableSampler order: a resumed run sees what an uninterrupted one would."""
+    image i at row i and view 2 at row n + i. Either batched, by `batch_augment(x, generator,
+    sizes=...)` -> (2n, 3, S, S) (e.g. augment.BatchAugment) applied on the device to the dataset
+    held as one uint8 tensor (whole_images: a folder's images whole, each crop box drawn on its
+    original's size), its parameters drawn from a CPU generator seeded by (seed, rank, epoch, step);
+    or per image, by `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both walk the
+    same ResumableSampler order: a resumed run sees what an uninterrupted one would."""
 
     def __init__(self, dataset, per_rank, rank, world, seed, device, batch_augment=None,
                  image_size=None, transform=None, workers=0, worker_init_fn=None):
@@ -537,6 +537,5 @@ class TwoViewBatches:
             x, y = self.resident.batch(idx)  # uint8 (n, C, S, S)
             sizes = self.sizes[host_idx]  # (n, 2): the originals' (H, W), where crops are drawn
             self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))
-            # two independent draws per image
-            views = self.augment(torch.cat([x, x]), self.gen, sizes=torch.cat([sizes, sizes]))
+            views = self.augment(x, self.gen, sizes=sizes)  # (2n, 3, S, S): two draws per image
             yield views, y

@@ -36,20 +36,20 @@ def get_args_parser():
     g.add_argument("--pixels", action="store_true", help="also the raw pixels as features")
     g.add_argument("--protocol", nargs="+", default=["linear"], choices=("linear", "knn"),
                    help="linear: logistic regression on frozen features; knn: k nearest neighbours "
-                        "(cosine, temperature-weighted votes) (default: %(default)s)")
+                        "(cosine, temperature-weighted votes)")
     g.add_argument("--head-layers", nargs="+", type=at_least(0), default=[0],
                    help="the checkpoints' features after K layers of the projection head: 0 is the "
                         "encoder's h (the paper's choice), the head's depth its output z; several "
-                        "values are each evaluated (default: %(default)s)")
+                        "values are each evaluated")
     g.add_argument("--weight-decay", nargs="+", type=at_least(0, float), default=WEIGHT_DECAYS,
                    help="linear: L2 penalties to choose from on 10%% of the training images held "
                         "out; one value skips the choice (default: 1e-6 ... 1e-2)")
-    g.add_argument("--knn-k", type=positive_int, default=200, help="(default: %(default)s)")
+    g.add_argument("--knn-k", type=positive_int, default=200)
     g.add_argument("--knn-t", type=positive_float, default=0.07,
-                   help="vote temperature (default: %(default)s)")
+                   help="vote temperature")
     g.add_argument("--neighbours", type=at_least(0), default=8,
                    help="queries of neighbours_DATASET.png, each with its 8 nearest training "
-                        "images by every encoder's features; 0: no picture (default: %(default)s)")
+                        "images by every encoder's features; 0: no picture")
     return p
 
 
@@ -62,7 +62,7 @@ def main(args):
         die("without --ckpt there is no dataset to take: pass --dataset (e.g. --dataset cifar10)")
     encoders = ev.load_encoders(args, pixels=args.pixels)
     for enc in encoders:
-        layers = len(enc.model.projector.dims) - 1 if enc.model is not None else 0
+        layers = enc.model.projector.layers if enc.model is not None else 0
         if enc.name not in ("random", "pixels") and max(args.head_layers) > layers:
             die(f"--head-layers {max(args.head_layers)}: the projection head of {enc.path} has "
                 f"{layers} layers: use 0 (h) to {layers} (z)")
@@ -97,7 +97,7 @@ def main(args):
     picture = neighbours_picture(pictured, data, out, args.neighbours, args.seed)
     if picture:
         print(f"neighbours picture in {time.time() - t1:.1f} s")
-    return ev.finish(out, data, args, rows, "eval_linear", t0, first, plots=[picture])
+    return ev.report(out, data, args, rows, "eval_linear", t0, first, plots=[picture])
 
 
 def frozen_net(model, k):
@@ -105,7 +105,7 @@ def frozen_net(model, k):
     first k layers, or the whole head (k = its depth: the projection z the loss sees)."""
     if k == 0:
         return model.encoder
-    if k == len(model.projector.dims) - 1:
+    if k == model.projector.layers:
         return nn.Sequential(model.encoder, model.projector)
     return nn.Sequential(model.encoder, model.projector.first_layers(k))
 
@@ -124,10 +124,10 @@ def strongest_random(train_args, data, args, device, dtype):
         model = ev.random_network(train_args, args.seed, zero_init)
         encoder = model.encoder.to(device, memory_format=torch.channels_last)
         if fitted:
-            ev.fit_bn_statistics(encoder, data.train_images[fit], data.view, device, dtype)
+            ev.fit_bn_statistics(encoder, data.train_images[fit], data.spec, device, dtype)
         encoder.eval()
-        x_fit = ev.features(encoder, data.train_images[fit], data.view, device, dtype).to(device)
-        x_held = ev.features(encoder, data.train_images[held], data.view, device, dtype).to(device)
+        x_fit = ev.features(encoder, data.train_images[fit], data.spec, device, dtype).to(device)
+        x_held = ev.features(encoder, data.train_images[held], data.spec, device, dtype).to(device)
         logits, _ = linear_probe(x_fit, labels[fit], x_held, data.classes, args.weight_decay,
                                  args.seed)
         scores[variant] = ev.topk(logits, data.train_labels[held], 1)
@@ -138,7 +138,7 @@ def strongest_random(train_args, data, args, device, dtype):
     model = ev.random_network(train_args, args.seed, zero_init)
     model = model.to(device, memory_format=torch.channels_last)
     if fitted:  # its BN normalises with the statistics of all the training images
-        ev.fit_bn_statistics(model.encoder, data.train_images, data.view, device, dtype)
+        ev.fit_bn_statistics(model.encoder, data.train_images, data.spec, device, dtype)
     return model, {"variant": variant, "variant_scores": scores}
 
 
@@ -151,8 +151,8 @@ def frozen_features(name, net, data, device, dtype):
     if net is not None:
         net.eval()
         before = {k: v.clone() for k, v in net.state_dict().items()}
-    train = ev.features(net, data.train_images, data.view, device, dtype, f"{name} train")
-    held = ev.features(net, data.eval_images, data.view, device, dtype, f"{name} {data.split}")
+    train = ev.features(net, data.train_images, data.spec, device, dtype, f"{name} train")
+    held = ev.features(net, data.eval_images, data.spec, device, dtype, f"{name} {data.split}")
     if net is not None:
         after = net.state_dict()
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
@@ -224,8 +224,7 @@ def neighbours_picture(features, data, out, queries, seed, k=8):
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    suffix = "_val" if data.split == "val" else ""
-    return save_figure(fig, os.path.join(out, f"neighbours_{data.dataset}{suffix}.png"))
+    return save_figure(fig, os.path.join(out, f"neighbours_{data.dataset}{data.suffix}.png"))
 
 
 def nearest(train, queries, k):

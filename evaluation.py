@@ -1,6 +1,6 @@
 """What SimCLR's evaluations share (arXiv 2002.05709, section 4, appendix B): encoders from
 checkpoints, labelled images with a validation split held out of training, frozen forward passes,
-kNN, and the results file, table and plots of eval_linear.py and finetune.py."""
+kNN, the results file, table and plots, and train.py's monitors with labels (online probe, kNN)."""
 import argparse
 import json
 import os
@@ -8,18 +8,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from augment import View
+from augment import ImageSpec
 from data import DATASETS, DatasetError, get_dataset, uint8_images
-from harness import (add_device_flags, autocast, checked, die, figure, load_checkpoint,
-                     load_model_state, positive_int, save_figure, save_json)
+from harness import (add_device_flags, atomic_write, autocast, checked, die, figure,
+                     load_checkpoint, load_model_state, positive_int, save_figure)
 from model import SimCLR
 
 # what a checkpoint's weights depend on: the flags that rebuild its network
-MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim", "proj_layers",
-              "proj_out_bn")
+MODEL_ARGS = ("arch", "width", "cifar_stem", "stem_stride", "proj_dim", "proj_layers")
 label_fraction = checked(float, lambda f: 0 < f <= 1, "takes label fractions in (0, 1]")
 SCRIPTS = ("eval_linear", "finetune")  # the scripts whose rows share a results file, in this order
 
@@ -41,7 +41,7 @@ def add_common_flags(p):
     g.add_argument("--image-size", type=positive_int, default=None,
                    help="(default: the checkpoint's, else the dataset's)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="let torchvision download a missing dataset (default: %(default)s)")
+                   help="let torchvision download a missing dataset")
     g.add_argument("--max-train-samples", type=positive_int, default=None,
                    help="N training images drawn at random with --seed, for quick checks (default: "
                         "all)")
@@ -52,20 +52,19 @@ def add_common_flags(p):
                    help="val: hold out --val-fraction of the training split (class-balanced, fixed "
                         "by --val-seed), train on the rest and report on it; the test split is "
                         "never read. Choose every hyperparameter on val, then read test once per "
-                        "reported run (default: %(default)s)")
+                        "reported run")
     g.add_argument("--val-fraction",
                    type=checked(float, lambda f: 0 < f < 1, "takes a fraction in (0, 1)"),
-                   default=0.1, help="(default: %(default)s)")
+                   default=0.1)
     g.add_argument("--val-seed", type=int, default=0,
                    help="draws the validation images; fixed, so that every run and seed sees the "
-                        "same (default: %(default)s)")
+                        "same")
     g.add_argument("--label-fraction", nargs="+", type=label_fraction, default=[1.0],
-                   help="class-balanced fractions of the training labels, e.g. 0.01 0.1 1.0 "
-                        "(default: %(default)s)")
+                   help="class-balanced fractions of the training labels, e.g. 0.01 0.1 1.0 ")
 
     g = p.add_argument_group("run")
     add_device_flags(g)
-    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output-dir", default=None,
                    help="where results and plots go (default: beside the first checkpoint, else "
                         "runs/eval)")
@@ -125,12 +124,17 @@ class Labelled:
     training split)."""
     dataset: str
     split: str  # "test" or "val"
-    view: View  # the side and normalisation the networks take
+    spec: ImageSpec  # the side and normalisation the networks take
     classes: int
     train_images: torch.Tensor
     train_labels: torch.Tensor
     eval_images: torch.Tensor
     eval_labels: torch.Tensor
+
+    @property
+    def suffix(self):
+        """Of the files written for these results: "" on test, "_val" on validation."""
+        return "_val" if self.split == "val" else ""
 
 
 def load_data(args, train_args, device):
@@ -161,7 +165,7 @@ def load_data(args, train_args, device):
     pick_train = random_subset(len(train_labels), args.max_train_samples, args.seed)
     pick_eval = random_subset(len(eval_labels), args.max_test_samples, args.seed)
     classes = info["num_classes"] or int(max(train_labels.max(), eval_labels.max())) + 1
-    return Labelled(dataset, args.eval_on, View(size, info["mean"], info["std"]), classes,
+    return Labelled(dataset, args.eval_on, ImageSpec(size, info["mean"], info["std"]), classes,
                     train_images[pick_train], train_labels[pick_train],
                     eval_images[pick_eval], eval_labels[pick_eval])
 
@@ -190,13 +194,13 @@ def balanced_subset(labels, fraction, seed):
 
 # ----------------------------------------------------------------------------------- forward passes
 @torch.no_grad()
-def forward_batches(net, images, view, device, dtype=None, batch_size=512, desc=None):
-    """net's float32 outputs on the host for each batch of uint8 `images` in their evaluation view
+def forward_batches(net, images, spec, device, dtype=None, batch_size=512, desc=None):
+    """net's float32 outputs on the host for each batch of uint8 `images` in their evaluation form
     (no augmentation), under autocast to `dtype` (None: float32)."""
     batches = range(0, len(images), batch_size)
     show = None if desc else True  # tqdm: None shows the bar on a terminal only, True hides it
     for i in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=show):
-        x = view.batch(images[i:i + batch_size].to(device))  # (B, 3, S, S)
+        x = spec.batch(images[i:i + batch_size].to(device))  # (B, 3, S, S)
         with autocast(device, dtype):
             yield net(x.contiguous(memory_format=torch.channels_last)).float().cpu()
 
@@ -213,19 +217,19 @@ class Pixels(torch.nn.Module):
         return x[:, :self.channels].flatten(1)
 
 
-def features(encoder, images, view, device, dtype=None, desc="features"):
+def features(encoder, images, spec, device, dtype=None, desc="features"):
     """(N, d) float32 features of a frozen `encoder` (None: the pixels) on uint8 images."""
     net = Pixels(images.shape[1]) if encoder is None else encoder
-    return torch.cat(list(forward_batches(net, images, view, device, dtype, desc=desc)))
+    return torch.cat(list(forward_batches(net, images, spec, device, dtype, desc=desc)))
 
 
-def predict(net, images, view, device, dtype=None):
+def predict(net, images, spec, device, dtype=None):
     """(N, classes) logits of a classifier network in eval mode."""
-    return torch.cat(list(forward_batches(net.eval(), images, view, device, dtype)))
+    return torch.cat(list(forward_batches(net.eval(), images, spec, device, dtype)))
 
 
 @torch.no_grad()
-def fit_bn_statistics(encoder, images, view, device, dtype=None):
+def fit_bn_statistics(encoder, images, spec, device, dtype=None):
     """Set each BN's running statistics to the mean and (unbiased) variance of its inputs over all
     `images`, in one forward pass in train mode (each batch normalised with its own statistics, as
     in training; no labels, no gradients), then eval mode. Exact over batches of any size: each
@@ -250,7 +254,7 @@ def fit_bn_statistics(encoder, images, view, device, dtype=None):
 
     hooks = [bn.register_forward_pre_hook(record) for bn in bns]
     try:
-        for _ in forward_batches(encoder.train(), images, view, device, dtype):
+        for _ in forward_batches(encoder.train(), images, spec, device, dtype):
             pass
     finally:
         for hook in hooks:
@@ -293,15 +297,12 @@ def output_dir(args):
     return os.path.join("runs", "eval")
 
 
-def results_path(out, data):
-    return os.path.join(out, f"eval_{data.dataset}{'_val' if data.split == 'val' else ''}.json")
-
-
 def save_results(out, data, args, rows, script, seconds, train_args, plots=()):
     """Add this script's rows to OUT/eval_DATASET[_val].json, which keeps the rows of the other
-    evaluation script when they were made on the same checkpoint (make demo runs both).
+    evaluation script when they were made on the same checkpoint (make demo runs both), and draw
+    label_fractions_DATASET[_val].png of them all.
     -> (the summary it holds, its path)"""
-    path = results_path(out, data)
+    path = os.path.join(out, f"eval_{data.dataset}{data.suffix}.json")
     ckpt = args.ckpt[0] if args.ckpt else None
     summary = {}
     if os.path.exists(path):
@@ -314,18 +315,21 @@ def save_results(out, data, args, rows, script, seconds, train_args, plots=()):
     rows.sort(key=lambda r: SCRIPTS.index(r["script"]))  # the frozen-feature protocols first
     eval_seconds = dict(summary.get("eval_seconds", {}), **{script: round(seconds, 1)})
     plots = sorted(set(summary.get("plots", [])) | set(plots))  # the other script's stay listed
+    label_plot = plot_label_fractions(rows, out, data)  # of both scripts' rows
+    if label_plot and label_plot not in plots:
+        plots.append(label_plot)
     pretrain_seconds = train_args.get("train_seconds", 0.0)
     summary = {
         "top1": rows[0]["top1"] if rows else None, "top5": rows[0]["top5"] if rows else None,
         "ckpt": ckpt, "dataset": data.dataset, "eval_on": data.split,
         "train_samples": len(data.train_labels), "test_samples": len(data.eval_labels),
-        "image_size": data.view.size,
+        "image_size": data.spec.size,
     }
     summary.update(headline(rows))
     summary.update(results=rows, plots=plots,
                    pretrain_seconds=round(pretrain_seconds, 1), eval_seconds=eval_seconds,
                    seconds=round(pretrain_seconds + sum(eval_seconds.values()), 1))
-    save_json(path, summary)
+    atomic_write(path, lambda f: json.dump(summary, f, indent=1), mode="w")
     return summary, path
 
 
@@ -352,7 +356,7 @@ def headline(rows):
     return out
 
 
-def stage(r, results, init=False):
+def result_name(r, results, init=False):
     """A result's name in tables and plots: 'simclr finetune head 1', with the rate where rates
     differ."""
     protocol = "init" if init and r["protocol"] == "finetune" else r["protocol"]
@@ -404,30 +408,116 @@ def plot_label_fractions(rows, out, data):
     if len(fractions) < 2:
         return None
     fig, (ax,) = figure(1, width=5.5, height=3.8)
-    for key in dict.fromkeys(stage(r, rows) for r in rows):  # in the order they ran
-        same = sorted((r for r in rows if stage(r, rows) == key), key=lambda r: r["label_fraction"])
+    for key in dict.fromkeys(result_name(r, rows) for r in rows):  # in the order they ran
+        same = [r for r in rows if result_name(r, rows) == key]
+        same.sort(key=lambda r: r["label_fraction"])
         fractions = [r["label_fraction"] for r in same]
         ax.plot(fractions, [r["top1"] for r in same], marker="o", label=key)
     ax.set(xscale="log", xlabel="fraction of training labels", ylabel=f"{data.split} top-1 (%)",
            title=data.dataset)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    suffix = "_val" if data.split == "val" else ""
-    return save_figure(fig, os.path.join(out, f"label_fractions_{data.dataset}{suffix}.png"))
+    return save_figure(fig, os.path.join(out, f"label_fractions_{data.dataset}{data.suffix}.png"))
 
 
-def finish(out, data, args, rows, script, t0, train_args, plots=()):
+def report(out, data, args, rows, script, t0, train_args, plots=()):
     """The end of an evaluation script: the table, the results file, its summary as last line."""
     plots = [p for p in plots if p]
     print_table(rows, data)
     summary, path = save_results(out, data, args, rows, script, time.time() - t0, train_args, plots)
-    label_plot = plot_label_fractions(summary["results"], out, data)
-    if label_plot and label_plot not in summary["plots"]:
-        summary["plots"].append(label_plot)
-        save_json(path, summary)
     seconds = summary["eval_seconds"][script]
     saved = "".join(f", {p}" for p in summary["plots"])
     print(f"{data.dataset}: pretraining {summary['pretrain_seconds']:.0f} s + {script} "
           f"{seconds:.0f} s; saved {path}{saved}")
     print(json.dumps(summary))
     return summary
+
+
+# ------------------------------------------------------------------- monitors during pretraining
+class OnlineProbe:
+    """A linear classifier trained alongside pretraining (train.py --probe) on the detached features
+    h of the labelled images of each batch (label -1: skipped), with its own optimiser: it never
+    touches the encoder's gradients."""
+
+    def __init__(self, feat_dim, classes, device):
+        self.head = torch.nn.Linear(feat_dim, classes).to(device)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=1e-3, weight_decay=1e-4)
+        self.correct = torch.zeros((), device=device)
+        self.seen = torch.zeros((), device=device)
+
+    def step(self, h, y):
+        keep = (y >= 0).float()  # weights, not a boolean index: no host sync
+        logits = self.head(h.float())  # (2n, classes)
+        losses = F.cross_entropy(logits, y.clamp(min=0), reduction="none")  # (2n,)
+        loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.correct += ((logits.argmax(1) == y).float() * keep).sum().detach()
+        self.seen += keep.sum()
+
+    def accuracy(self, world):
+        """Top-1 (%) on the training views since the last call, over all ranks (None: no labels).
+        Under torchrun a collective: every rank calls it."""
+        counts = torch.stack([self.correct, self.seen])
+        if world > 1:
+            dist.all_reduce(counts)
+        self.correct.zero_()
+        self.seen.zero_()
+        correct, seen = counts.tolist()
+        return round(100 * correct / seen, 2) if seen else None
+
+    def state_dict(self):
+        return {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+
+
+class KnnMonitor:
+    """kNN top-1 of an encoder's features on a fixed random draw of labelled train and test images,
+    in eval mode (its BN statistics untouched): train.py --probe, every --knn-every epochs."""
+
+    def __init__(self, train_images, train_labels, test_images, test_labels, spec, device):
+        self.train_images = train_images
+        self.train_labels = train_labels
+        self.test_images = test_images
+        self.test_labels = test_labels
+        self.spec = spec
+        self.device = device
+
+    @classmethod
+    def from_dataset(cls, dataset, data_dir, spec, samples, seed, device):
+        """`samples` = (train, test) images drawn with `seed`; None where the dataset has no
+        labelled train and test splits."""
+        try:
+            train_set = get_dataset(dataset, data_dir, "train", download=False)
+            test_set = get_dataset(dataset, data_dir, "test", download=False)
+        except DatasetError as e:
+            print(f"note: no kNN monitor ({e})")
+            return None
+        xtr, ytr = uint8_images(train_set, spec.size)
+        xte, yte = uint8_images(test_set, spec.size)
+        g = torch.Generator().manual_seed(seed)
+        pick_train = torch.randperm(len(ytr), generator=g)[:samples[0]]
+        pick_test = torch.randperm(len(yte), generator=g)[:samples[1]]
+        return cls(xtr[pick_train], ytr[pick_train], xte[pick_test], yte[pick_test], spec, device)
+
+    def top1(self, encoder, dtype=None):
+        encoder.eval()
+        train = features(encoder, self.train_images, self.spec, self.device, dtype, "kNN train")
+        test = features(encoder, self.test_images, self.spec, self.device, dtype, "kNN test")
+        encoder.train()
+        classes = int(max(self.train_labels.max(), self.test_labels.max())) + 1
+        scores = knn_predict(train, self.train_labels, test, classes)
+        return round((scores.argmax(1) == self.test_labels).float().mean().item() * 100, 2)
+
+    def log(self, run, encoder, dtype, every, step, epoch):
+        """After every `every` epochs: the top-1 printed and logged in the run's metrics.jsonl."""
+        if (epoch + 1) % every:
+            return
+        top1 = self.top1(encoder, dtype)
+        tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}% "
+                   f"({len(self.train_labels)} / {len(self.test_labels)} images)")
+        run.log({"step": step, "epoch": epoch, "knn_top1": top1})

@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 import evaluation as ev
 from augment import BatchAugment, Recipe
-from harness import (Parser, amp_dtype, at_least, autocast, check_device, die, figure,
-                     make_writable_dir, ordered_pair, positive_float, positive_int, probability,
-                     save_checkpoint, save_figure)
+from harness import (Parser, amp_dtype, at_least, atomic_write, autocast, check_device, die,
+                     figure, make_writable_dir, ordered_pair, positive_float, positive_int,
+                     probability, save_figure)
 from model import param_groups
 
 
@@ -26,45 +26,39 @@ def get_args_parser():
     ev.add_common_flags(p)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--epochs", nargs="+", type=positive_int, default=[10],
-                   help="one value, or one per --label-fraction (SimCLRv2: 60 at 1%%, 30 at 10%%) "
-                        "(default: %(default)s)")
+                   help="one value, or one per --label-fraction (SimCLRv2: 60 at 1%%, 30 at 10%%)")
     g.add_argument("--lr", nargs="+", type=positive_float, default=[0.05],
                    help="Nesterov SGD base rate per 256 images, cosine decay; several values are "
-                        "each run and reported, to choose one on --eval-on val (default: "
-                        "%(default)s)")
-    g.add_argument("--lr-random", nargs="+", type=positive_float, default=None,
+                        "each run and reported, to choose one on --eval-on val")
+    g.add_argument("--lr-random", nargs="+", type=positive_float,
                    help="the same for the random-init network, which gets its own rate (default: "
                         "--lr)")
     g.add_argument("--head-layers", nargs="+", type=at_least(0), default=[0],
                    help="fine-tune from inside the projection head: keep its first K layers "
                         "(linear, BN, ReLU) under the classifier; SimCLRv2 keeps 1 of its 3; 0: "
                         "from the encoder; several values are each run; the random-init network "
-                        "uses 0 (default: %(default)s)")
+                        "uses 0")
     g.add_argument("--weight-decay", type=at_least(0, float), default=0.0,
-                   help="(default: %(default)s, the paper's fine-tuning, appendix B.5)")
+                   help="the paper's fine-tuning has none (appendix B.5)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0),
                    action=ordered_pair(0, 1),
-                   help="area range of the crop; flips too, no colour (default: %(default)s, the "
-                        "inception crop of the paper's fine-tuning)")
-    g.add_argument("--batch-size", type=positive_int, default=256, help="(default: %(default)s)")
+                   help="area range of the crop (the inception crop of the paper's fine-tuning); "
+                        "flips too, no colour")
+    g.add_argument("--batch-size", type=positive_int, default=256)
     g.add_argument("--save-finetuned", action="store_true",
-                   help="write each fine-tuned and distilled network to OUTPUT_DIR (default: "
-                        "%(default)s)")
+                   help="write each fine-tuned and distilled network to OUTPUT_DIR")
 
     g = p.add_argument_group("distillation (SimCLRv2's third step)")
     g.add_argument("--distill", action="store_true",
                    help="then train a student of the same architecture on every training image "
                         "without labels from the fine-tuned network's predictions; the teacher is "
-                        "the network fine-tuned at the first --lr from the deepest --head-layers "
-                        "(default: %(default)s)")
-    g.add_argument("--distill-epochs", type=positive_int, default=2, help="(default: %(default)s)")
+                        "the network fine-tuned at the first --lr from the deepest --head-layers")
+    g.add_argument("--distill-epochs", type=positive_int, default=2)
     g.add_argument("--distill-tau", type=positive_float, default=1.0,
-                   help="temperature of the teacher's and the student's softmax (default: "
-                        "%(default)s, SimCLRv2's)")
+                   help="temperature of the teacher's and the student's softmax (SimCLRv2's 1)")
     g.add_argument("--distill-alpha", type=probability, default=1.0,
                    help="weight of the distillation loss; 1 - alpha weighs the labelled loss on "
-                        "the labelled images (default: %(default)s: no labels, as SimCLRv2's "
-                        "ImageNet students)")
+                        "the labelled images (1: no labels, as SimCLRv2's ImageNet students)")
     return p
 
 
@@ -84,7 +78,7 @@ def main(args):
     encoders = ev.load_encoders(args)
     deepest = max(args.head_layers)
     for enc in encoders:
-        layers = len(enc.model.projector.dims) - 1
+        layers = enc.model.projector.layers
         if deepest >= layers:
             die(f"--head-layers {deepest}: {enc.path} has a projection head of {layers} "
                 f"layers, so fine-tuning can keep 0 to {layers - 1} of them (train with "
@@ -99,7 +93,7 @@ def main(args):
         model = enc.model.to(device, memory_format=torch.channels_last)
         rows += finetune_protocol(enc.name, model, enc.train_args, data, args, device, out)
     plot = plot_ablation(rows, out, data)
-    return ev.finish(out, data, args, rows, "finetune", t0, first, plots=[plot])
+    return ev.report(out, data, args, rows, "finetune", t0, first, plots=[plot])
 
 
 def finetune_protocol(name, model, train_args, data, args, device, out):
@@ -186,7 +180,7 @@ def train_net(net, images, loss_fn, data, args, device, epochs, lr):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
     # crop and flip
     recipe = Recipe(crop_scale=args.crop_scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
-    aug = BatchAugment(data.view, recipe).to(device)
+    aug = BatchAugment(data.spec, recipe).to(device)
     gen = torch.Generator().manual_seed(args.seed)
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -200,7 +194,8 @@ def train_net(net, images, loss_fn, data, args, device, epochs, lr):
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
             # the augmented views (B, 3, S, S)
-            x = aug(images[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
+            x = aug(images[idx].to(device), gen, views=1)
+            x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
                 loss = loss_fn(net(x), idx, x)
             opt.zero_grad(set_to_none=True)
@@ -209,7 +204,7 @@ def train_net(net, images, loss_fn, data, args, device, epochs, lr):
             scaler.update()
             sched.step()
         if (epoch + 1) % every == 0 or epoch + 1 == epochs:
-            logits = ev.predict(net, data.eval_images, data.view, device, dtype)
+            logits = ev.predict(net, data.eval_images, data.spec, device, dtype)
             curve[epoch + 1] = ev.topk(logits, data.eval_labels, 1)
     return curve, logits
 
@@ -252,8 +247,8 @@ def save_network(net, out, stem, train_args, head_layers, args):
     """With --save-finetuned: OUT/STEM.pt, the network (encoder, head layers, classifier)."""
     if args.save_finetuned:
         state = {k: v.cpu() for k, v in net.state_dict().items()}
-        save_checkpoint(os.path.join(out, stem + ".pt"),
-                        {"model": state, "head_layers": head_layers, "args": train_args})
+        saved = {"model": state, "head_layers": head_layers, "args": train_args}
+        atomic_write(os.path.join(out, stem + ".pt"), lambda f: torch.save(saved, f))
 
 
 def plot_ablation(rows, out, data):
@@ -265,14 +260,14 @@ def plot_ablation(rows, out, data):
     fig, axes = figure(len(fractions), height=3.8)
     for ax, fraction in zip(axes, fractions):
         for r in (r for r in curves if r["label_fraction"] == fraction):
-            ax.plot(r["curve_epochs"], r["curve"], marker="o", label=ev.stage(r, rows, init=True))
+            label = ev.result_name(r, rows, init=True)
+            ax.plot(r["curve_epochs"], r["curve"], marker="o", label=label)
         ax.set(xlabel="fine-tuning epoch", ylabel=f"{data.split} top-1 (%)",
                title=f"{data.dataset}: fine-tuning on {fraction:.0%} of the labels")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
-    suffix = "_val" if data.split == "val" else ""
-    return save_figure(fig, os.path.join(out, f"ablation_{data.dataset}{suffix}.png"))
+    return save_figure(fig, os.path.join(out, f"ablation_{data.dataset}{data.suffix}.png"))
 
 
 if __name__ == "__main__":

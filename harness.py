@@ -1,13 +1,15 @@
-"""The run's plumbing shared by the scripts, nothing of SimCLR in it: one-line errors and flag
-types, devices, torchrun, AMP, atomic writes, checkpoint loading, RNG state, stop signals,
-JSON-lines logs and their plot."""
+"""The scripts' plumbing: one-line errors and flag types, devices, torchrun, AMP, atomic writes,
+checkpoints, RNG state, stop signals, JSON-lines logs and their plots, and `Run`, a training run's
+files and bookkeeping (checkpoint, resume, log, save cadence)."""
 import argparse
 import json
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -16,8 +18,24 @@ from tqdm import tqdm
 
 
 # --------------------------------------------------------------------------------- errors and flags
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help appends "(default: VALUE)" to every flag with a default, but where the help already
+    says "(default: ...)", as a flag whose default is resolved later (None) does."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (what is wrong, then --help), exit code 2."""
+    """argparse whose --help shows the defaults and whose errors are one line (what is wrong, then
+    --help), exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         # "argument --lr: must be positive" -> "--lr must be positive"
@@ -77,10 +95,10 @@ def add_device_flags(group):
     """--device and --amp, the same in every script."""
     default = "cuda" if torch.cuda.is_available() else "cpu"
     group.add_argument("--device", default=default,
-                       help="(default: %(default)s; under torchrun rank r takes cuda:LOCAL_RANK)")
+                       help="under torchrun rank r takes cuda:LOCAL_RANK")
     group.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
-                       help="autocast dtype (default: %(default)s; fp16 with a GradScaler, CUDA "
-                            "only, for GPUs without bf16)")
+                       help="autocast dtype; fp16 with a GradScaler, CUDA only, for GPUs without "
+                            "bf16")
 
 
 # ---------------------------------------------------------------------------------- devices and AMP
@@ -165,18 +183,6 @@ def atomic_write(path, write, mode="wb"):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, obj):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def save_json(path, obj):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
-
-
-# Checkpoints written before a flag existed lack it: the value those runs used.
-CHECKPOINT_DEFAULTS = {"stem_stride": 1, "proj_layers": 2, "proj_out_bn": False,
-                       "init": "torchvision"}
-
 
 def load_checkpoint(path):
     ckpt, error = try_load(path)
@@ -199,7 +205,6 @@ def try_load(path):
                       "use a last.pt of train.py")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         return None, f"{path} is not a SimCLR checkpoint of train.py (no 'model'/'args' entries)"
-    ckpt["args"] = {**CHECKPOINT_DEFAULTS, **ckpt["args"]}
     return ckpt, None
 
 
@@ -380,8 +385,9 @@ class StopRequest:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def __bool__(self):
-        """Whether to stop now; under torchrun a collective every rank calls after each step."""
+    def requested(self):
+        """Whether to stop now. Under torchrun a collective (an all_reduce over the ranks): every
+        rank calls it after each step."""
         if self.group is None:
             return self.signal is not None
         flag = torch.tensor([self.signal is not None], dtype=torch.int32)
@@ -394,3 +400,235 @@ class StopRequest:
 def ignore_sigint(worker_id):
     """DataLoader workers leave Ctrl-C to the main process, which finishes the step and saves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------- a training run
+class Run:
+    """A training run's files in OUTPUT_DIR and the bookkeeping of its loop. last.pt holds each
+    `state` object's state_dict ({"model": ..., "optimizer": ..., ...}), the step, the args, the RNG
+    states, the training seconds and the history of --extend, written atomically; metrics.jsonl a
+    row per log line; curves.png the `panels` of those rows; summary.json the run's speed. Every
+    rank resumes; only rank 0 writes. args: output_dir, resume, extend, batch_size, log_every and
+    the save cadence (save_every, save_every_epochs, save_every_minutes)."""
+
+    def __init__(self, args, rank, world, device, state, steps_per_epoch, total_steps, panels=()):
+        self.args = args
+        self.main = rank == 0
+        self.world = world
+        self.device = device
+        self.state = {name: obj for name, obj in state.items() if obj is not None}
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.panels = panels
+        self.log_extras = []  # callables -> {key: value} added to every log row
+        self.epoch_end = []  # callables (step, epoch), after each epoch's bookkeeping
+        self.seconds_before = 0.0  # training time of the runs this one resumes
+        self.t_start = time.time()
+        self.resumed_from = None
+        self.history = []  # [{"step", "changed": {flag: (old, new)}}] of each --extend
+        self.ckpt_path = os.path.join(args.output_dir, "last.pt")
+        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    # -- resume and save
+    def resume(self, neutral, extendable, model_flags, neutral_on_one_rank=()):
+        """The step to start from: 0, or that of --resume / OUTPUT_DIR/last.pt (rank 0 decides),
+        whose states are loaded. A checkpoint made with other flags is refused in one line, but for
+        the `neutral` flags, which cannot change what the run computes, for `neutral_on_one_rank`
+        where either run had a single rank, and for the `extendable` flags with --extend.
+        model_flags: the flags that name the model in an error."""
+        args = self.args
+        path = args.resume
+        if path is None and os.path.exists(self.ckpt_path):
+            path = self.ckpt_path
+        ckpt = agree_on_resume(path, self.world)
+        if ckpt is None:
+            return 0
+        load_model_state(self.state["model"], ckpt, path, model_flags, vars(args))
+        ignore = set(neutral)
+        if min(ckpt["world_size"], self.world) == 1:
+            ignore |= set(neutral_on_one_rank)
+        changed = changed_flags(ckpt["args"], vars(args), ignore)
+        if changed and not (args.extend and set(changed) <= extendable):
+            names = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
+                              for k, (old, new) in changed.items())
+            if args.extend:
+                allowed = "/".join("--" + k.replace("_", "-") for k in sorted(extendable))
+                fix = f"--extend changes only {allowed}"
+            else:
+                fix = ("rerun with the checkpoint's flags, pass --extend to change "
+                       "--epochs/--max-steps on purpose")
+            die(f"{path} was made with other flags ({names}): {fix}, or use another --output-dir")
+        self.history = ckpt.get("history", [])
+        if changed:
+            self.history = self.history + [{"step": ckpt["step"], "changed": changed}]
+        if ckpt["steps_per_epoch"] != self.steps_per_epoch:
+            die(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
+                f"{self.steps_per_epoch} (other data?): resume on the checkpoint's data, or use "
+                "another --output-dir")
+        for name, obj in self.state.items():
+            if name != "model" and name in ckpt:  # a monitor added on resume starts afresh
+                obj.load_state_dict(ckpt[name])
+        set_rng_states(ckpt["rng"])
+        step = ckpt["step"]
+        self.seconds_before = ckpt["train_seconds"]
+        self.resumed_from = path
+        if self.main:
+            print(f"resumed from {path} at step {step} (epoch {step // self.steps_per_epoch})",
+                  flush=True)
+            truncate_jsonl(self.metrics_path, step)
+        return step
+
+    def seconds(self):
+        """Training seconds over every part of the run."""
+        return self.seconds_before + time.time() - self.t_start
+
+    def save(self, step):
+        if not self.main:
+            return
+        ckpt = {name: obj.state_dict() for name, obj in self.state.items()}
+        ckpt.update(step=step, epoch=step // self.steps_per_epoch,
+                    steps_per_epoch=self.steps_per_epoch, world_size=self.world,
+                    args=vars(self.args), rng=rng_states(), history=self.history,
+                    train_seconds=self.seconds())
+        atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+
+    # -- the loop's bookkeeping
+    def start(self, step):
+        """Before the first step: clocks, progress bar, stop signals."""
+        self.stop = StopRequest(self.world)
+        self.bar = tqdm(total=self.total_steps, initial=step,
+                        disable=True if not self.main else None, dynamic_ncols=True)
+        self.first_step = step
+        self.t_start = time.time()  # training time starts now, not at setup
+        self.t_log = self.t_start
+        self.images_since_log = 0
+        self.last_save = time.monotonic()
+        self.timing = dict(start=time.monotonic(), save_seconds=0.0, window_rates=[])
+        # the values of each step since the last log line, on the device: read once per line, so
+        # that no step waits for the host
+        self.window = []
+        self.epoch_rows = []  # (means of a log line's window, its steps) in this epoch
+        self.stopped_by = None
+
+    def after_step(self, step, epoch, lr, values):
+        """Everything after optimiser step number `step` (counted from 1) but the step itself: log
+        the `values` ({name: 0-d tensor on the device, "loss" first}) once per --log-every steps,
+        save at an epoch's end, every --save-every steps and on a stop signal. -> whether to stop
+        (a signal: the checkpoint is saved)."""
+        self.window.append(torch.stack(list(values.values())))
+        self.images_since_log += self.args.batch_size
+        self.bar.update()
+        end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
+        # every rank asks, after the same step
+        stopping = self.stop.requested() and step < self.total_steps
+        if step % self.args.log_every == 0 or end_of_epoch:
+            self.log_line(step, epoch, lr, list(values))
+
+        # at an epoch's end, every --save-every-epochs once --save-every-minutes have passed: a
+        # checkpoint costs about a second, which is 10-20% of an epoch of a few seconds
+        a = self.args
+        minutes_passed = time.monotonic() - self.last_save >= 60 * a.save_every_minutes
+        every_epochs = (epoch + 1) % a.save_every_epochs == 0 and minutes_passed
+        epoch_due = end_of_epoch and (every_epochs or step == self.total_steps)
+        steps_due = a.save_every and step % a.save_every == 0
+        saving = epoch_due or steps_due or stopping
+        t_save = time.monotonic()
+        if saving:
+            self.check_finite(step)  # never save a diverged model over a good one
+            self.save(step)
+            self.last_save = time.monotonic()
+        if epoch_due:
+            self.plot()
+        self.timing["save_seconds"] += time.monotonic() - t_save
+        if end_of_epoch:
+            self.epoch_line(step, epoch, list(values), epoch_due)
+            for hook in self.epoch_end:
+                hook(step, epoch)
+        if saving or end_of_epoch:  # the logged img/s counts training, not saves and monitors
+            self.t_log = time.time()
+            self.images_since_log = 0
+        if stopping:
+            self.stopped_by = self.stop.signal
+        return stopping
+
+    def log_line(self, step, epoch, lr, names):
+        """The one host read per log line: the window's means into metrics.jsonl and the bar."""
+        means = self.check_finite(step).mean(0).tolist()
+        self.epoch_rows.append((means, len(self.window)))
+        img_s = self.images_since_log / (time.time() - self.t_log)
+        self.timing["window_rates"].append(img_s)
+        row = {"step": step, "epoch": epoch, **dict(zip(names, means)), "lr": lr, "img_s": img_s,
+               "time": self.seconds()}
+        for extra in self.log_extras:
+            row.update(extra())
+        self.bar.set_postfix(epoch=epoch, loss=f"{means[0]:.4f}", lr=f"{lr:.3g}",
+                             img_s=f"{img_s:.0f}")
+        self.log(row)
+        self.window = []
+        self.t_log = time.time()
+        self.images_since_log = 0
+
+    def epoch_line(self, step, epoch, names, saved):
+        """The epoch's means, weighted by the steps of each log line."""
+        steps = max(1, sum(k for _, k in self.epoch_rows))
+        means = [sum(row[i] * k for row, k in self.epoch_rows) / steps for i in range(len(names))]
+        self.epoch_rows = []
+        if self.main:
+            values = ", ".join(f"{name} {value:.4g}" for name, value in zip(names, means))
+            where = f", saved {self.ckpt_path}" if saved else ""
+            tqdm.write(f"epoch {epoch} done: step {step}/{self.total_steps}, mean {values}{where}")
+
+    def check_finite(self, step):
+        """The window's rows (steps, values), averaged over the ranks so that all decide alike; a
+        loss (the first value) that is not finite stops the run in one line."""
+        window = self.window
+        rows = torch.stack(window).float() if window else torch.zeros(0, 1)
+        if self.world > 1 and window:
+            dist.all_reduce(rows)
+            rows /= self.world
+        bad = [i for i, x in enumerate(rows[:, 0].tolist()) if not math.isfinite(x)]
+        if bad:
+            if os.path.exists(self.ckpt_path):
+                where = f"the last good checkpoint is {self.ckpt_path}"
+            else:
+                where = "no checkpoint was written yet"
+            first_bad = step - len(window) + bad[0] + 1
+            die(f"loss is not finite at step {first_bad} ({where}): lower --lr, "
+                "raise --temperature or use --amp bf16/off")
+        return rows
+
+    def end(self, step):
+        """After the last step: the bar closed, the signals restored, the summary written."""
+        self.stop.restore()
+        self.bar.close()
+        return self.summarize(step, step - self.first_step)
+
+    def summarize(self, step, steps):
+        """The run's speed, end to end: images trained over the wall time from the first step to the
+        last, checkpoints and monitors included, beside the median of the logged windows (which
+        leave them out); the share of time saving; peak GPU memory. OUTPUT_DIR/summary.json (of this
+        process's steps) and a JSON line."""
+        timing = self.timing
+        seconds = time.monotonic() - timing["start"]
+        rates = sorted(timing["window_rates"])
+        summary = {"steps": steps, "seconds": round(seconds, 1),
+                   "img_s_end_to_end": round(steps * self.args.batch_size / max(seconds, 1e-9), 1),
+                   "img_s_windows_median": round(rates[len(rates) // 2], 1) if rates else None,
+                   "save_seconds": round(timing["save_seconds"], 2),
+                   "save_share": round(timing["save_seconds"] / max(seconds, 1e-9), 4)}
+        if self.device.type == "cuda":
+            summary["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20)
+        if self.main:
+            path = os.path.join(self.args.output_dir, "summary.json")
+            atomic_write(path, lambda f: json.dump(dict(summary, step=step), f, indent=1), mode="w")
+            print(json.dumps({"summary": summary}), flush=True)
+        return summary
+
+    def log(self, row):
+        if self.main:
+            append_jsonl(self.metrics_path, row)
+
+    def plot(self):
+        if self.main:
+            plot_jsonl(self.metrics_path, os.path.join(self.args.output_dir, "curves.png"),
+                       self.panels)

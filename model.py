@@ -12,14 +12,21 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
 
 def small_stem(image_size):
     """Whether images of this side get the 3x3 stem without max-pool (the paper's CIFAR stem,
-    appendix B.9)."""
+    appendix B.9; the official code's cifar_stem is for 32 px): train.py's choice, also for 33-64 px
+    (STL-10 at 64 px, Tiny ImageNet), where the ImageNet stem's stride 4 would leave 2x2 maps."""
     return image_size <= 64
+
+
+def check_init(init):
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
 
 
 def _init_conv(conv, init="official"):
     """init "official": the official code's conv init (TF's variance_scaling_initializer), a normal
     of std sqrt(1 / fan_in) truncated at two standard deviations (0.8796: the std of a unit normal
     truncated so). "torchvision": torchvision's ResNet init, kaiming_normal_ with fan_out."""
+    check_init(init)
     if init == "torchvision":
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         return conv
@@ -60,6 +67,7 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1,
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if not width > 0:
         raise ValueError(f"width multiplier must be positive, got {width}")
+    check_init(init)
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
@@ -85,69 +93,66 @@ def build_encoder(arch="resnet18", cifar_stem=False, width=1.0, stem_stride=1,
 
 class ProjectionHead(nn.Module):
     """g(h), as the official code builds it (google-research/simclr, model_util.projection_head):
-    `layers` linear layers, each but the last followed by BN and ReLU. With out_bn the output layer
-    has no bias and a BN with a scale but no shift (center=False); out_bn=False is the paper's
-    formula W2 ReLU(BN(W1 h)) + b2. A linear layer followed by BN has no bias: BN removes it.
-    layers 2 is SimCLR's head, 3 SimCLRv2's. init "official": the linear layers N(0, 0.01), as the
-    official linear_layer; "torchvision": PyTorch's default, uniform within 1 / sqrt(fan_in)."""
+    `layers` linear layers without bias, each but the last followed by BN and ReLU, the last by a BN
+    with a scale but no shift (center=False); BN removes a bias, so none is kept. The paper writes
+    the same head as W2 ReLU(BN(W1 h)). layers 2 is SimCLR's head, 3 SimCLRv2's. init "official":
+    the linear layers N(0, 0.01), as the official linear_layer; "torchvision": PyTorch's default,
+    uniform within 1 / sqrt(fan_in)."""
 
-    def __init__(self, in_dim, proj_dim=128, hidden_dim=None, layers=2, out_bn=True,
-                 init="official"):
+    def __init__(self, in_dim, proj_dim=128, hidden_dim=None, layers=2, init="official"):
         super().__init__()
+        check_init(init)
         dims = [in_dim] + [hidden_dim or in_dim] * (layers - 1) + [proj_dim]
         mods = []
         for i in range(layers):
-            last = i == layers - 1
-            mods.append(nn.Linear(dims[i], dims[i + 1], bias=last and not out_bn))
-            if not last:
+            mods.append(nn.Linear(dims[i], dims[i + 1], bias=False))
+            if i < layers - 1:
                 mods += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
-        if out_bn:
-            mods.append(nn.BatchNorm1d(proj_dim, affine=False))
+        mods.append(nn.BatchNorm1d(proj_dim, affine=False))
         self.net = nn.Sequential(*mods)
         for m in self.net if init == "official" else ():
-            if isinstance(m, nn.Linear):  # the official linear_layer's init: N(0, 0.01), bias 0
+            if isinstance(m, nn.Linear):  # the official linear_layer's init: N(0, 0.01)
                 nn.init.normal_(m.weight, std=0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        # the output BN's gamma (no beta)
-        self.scale = nn.Parameter(torch.ones(proj_dim)) if out_bn else None
+        self.scale = nn.Parameter(torch.ones(proj_dim))  # the output BN's gamma (no beta)
         self.dims = dims  # dims[k]: the width after k layers
+        self.layers = layers
 
     def first_layers(self, k):
         """The head's first k layers, each (linear, BN, ReLU), sharing their modules: SimCLRv2
         fine-tunes from the first layer of its 3-layer head (the official ft_proj_selector). k = 0
         is empty (from the encoder)."""
-        layers = len(self.dims) - 1
-        if not 0 <= k < layers:
-            raise ValueError(f"the head has {layers} layers: keep 0 to {layers - 1} of them, "
-                             f"got {k}")
+        if not 0 <= k < self.layers:
+            raise ValueError(f"the head has {self.layers} layers: keep 0 to {self.layers - 1} of "
+                             f"them, got {k}")
         return nn.Sequential(*self.net[:3 * k])
 
     def forward(self, h):
-        z = self.net(h)  # (B, proj_dim)
-        return z if self.scale is None else z * self.scale
+        return self.net(h) * self.scale  # (B, proj_dim)
 
 
 class SimCLR(nn.Module):
     """forward(x) -> (h, z): h = f(x) the encoder features (512 for resnet18, 2048 for resnet50,
     times the width multiplier), z = g(h) the projection that the NT-Xent loss sees. Keep h for
-    downstream tasks."""
+    downstream tasks.
+
+    cifar_stem: the stem. False (the default) is torchvision's ImageNet stem (7x7 stride-2 conv and
+    max-pool), for images of about 96 px and up; for small images (CIFAR, Fashion-MNIST, up to
+    64 px) pass cifar_stem=small_stem(image_size), as train.py does: a 3x3 conv of stride
+    `stem_stride`, no max-pool."""
 
     def __init__(self, arch="resnet18", proj_dim=128, cifar_stem=False, width=1.0, hidden_dim=None,
-                 stem_stride=1, proj_layers=2, proj_out_bn=True, zero_init_residual=True,
-                 init="official"):
+                 stem_stride=1, proj_layers=2, zero_init_residual=True, init="official"):
         super().__init__()
         self.encoder, self.feat_dim = build_encoder(arch, cifar_stem, width, stem_stride,
                                                     zero_init_residual, init)
-        self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim, proj_layers,
-                                        proj_out_bn, init)
+        self.projector = ProjectionHead(self.feat_dim, proj_dim, hidden_dim, proj_layers, init)
 
     @classmethod
     def from_args(cls, a, **kwargs):
         """The network of a train.py checkpoint's args (ckpt["args"], every key required)."""
         return cls(a["arch"], a["proj_dim"], a["cifar_stem"], a["width"],
-                   stem_stride=a["stem_stride"], proj_layers=a["proj_layers"],
-                   proj_out_bn=a["proj_out_bn"], init=a["init"], **kwargs)
+                   stem_stride=a["stem_stride"], proj_layers=a["proj_layers"], init=a["init"],
+                   **kwargs)
 
     def forward(self, x):
         h = self.encoder(x)  # (B, feat_dim)
@@ -156,12 +161,11 @@ class SimCLR(nn.Module):
 
 
 def param_groups(module, weight_decay):
-    """Two optimiser groups: the weights, with `weight_decay`; biases and BN parameters (ndim <= 1)
-    without it and without LARS's adaptation (the official code excludes them by name: the same
-    set). `lars` is LARS's key only."""
+    """Two optimiser groups for SGD-like optimisers: the weights, with `weight_decay`; biases and BN
+    parameters (ndim <= 1) without it (the official code excludes them by name: the same set)."""
     params = [p for p in module.parameters() if p.requires_grad]
     return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
-            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, lars=False)]
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
 
 class AllReduceSum(torch.autograd.Function):

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,15 +20,33 @@ import augment  # noqa: E402 (after the path above)
 
 def batch_augment(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, compile=False,
                   **recipe):
-    """augment.BatchAugment from the flat keywords the tests write: View(size, mean, std),
+    """augment.BatchAugment from the flat keywords the tests write: ImageSpec(size, mean, std),
     Recipe(**recipe)."""
-    return augment.BatchAugment(augment.View(size, mean, std), augment.Recipe(**recipe),
+    return augment.BatchAugment(augment.ImageSpec(size, mean, std), augment.Recipe(**recipe),
                                 compile=compile)
 
 
 def simclr_transform(size, mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, **recipe):
     """augment.SimCLRTransform from flat keywords, as batch_augment."""
-    return augment.SimCLRTransform(augment.View(size, mean, std), augment.Recipe(**recipe))
+    return augment.SimCLRTransform(augment.ImageSpec(size, mean, std), augment.Recipe(**recipe))
+
+
+def colour_op(kind):
+    """BatchAugment's brightness (kind 0), contrast (1) or saturation (2) alone, x (B, C, H, W) and
+    factors f (B,): the batched colour map of one op, to compare with torchvision's."""
+    def adjust(x, f):
+        w = augment.luma_weights(x.shape[1], x.device)
+        kinds = torch.full_like(f, kind, dtype=torch.long)
+        return augment.color_affine(x, *augment.color_maps(kinds, f, w), w)
+    return adjust
+
+
+def resized_crop(x, boxes, size, flip=None, rot=None):
+    """BatchAugment's crop, resize, flip and rotation alone, in one grid_sample (bilinear, no
+    antialiasing)."""
+    gx, gy = augment.crop_coords(boxes, size, x.shape[2], x.shape[3], flip)
+    grid = augment.sample_grid(gx, gy, rot)  # (B, S, S, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _images(n, size, channels=3, seed=0):

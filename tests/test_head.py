@@ -1,5 +1,5 @@
-"""The projection head against the official code's layout, old checkpoints, and the untrained
-network that the random-init baseline uses."""
+"""The projection head against the official code's layout, a checkpoint's network rebuilt from its
+args, the init's check, and the untrained network that the random-init baseline uses."""
 import pytest
 import torch
 import torch.nn as nn
@@ -46,29 +46,29 @@ def test_head_is_the_official_layout(layers):
     torch.testing.assert_close(head.train()(h), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_paper_head_without_output_bn_keeps_the_old_layout():
-    head = ProjectionHead(32, proj_dim=16, out_bn=False)
-    assert [type(m) for m in head.net] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
-    assert head.net[0].bias is None and head.net[3].bias is not None and head.scale is None
-
-
-def test_a_checkpoint_from_before_the_head_flags_still_loads(tmp_path):
-    """Checkpoints written before --stem-stride/--proj-layers/--proj-out-bn lack those args: loading
-    one fills in the values those runs used (harness.CHECKPOINT_DEFAULTS), so that from_args
-    rebuilds their head."""
+def test_from_args_rebuilds_a_checkpoints_network_and_guesses_nothing(tmp_path):
     torch.manual_seed(0)
-    old = SimCLR("resnet18", proj_dim=16, cifar_stem=True, width=0.125, proj_out_bn=False)
-    args = {"arch": "resnet18", "proj_dim": 16, "cifar_stem": True, "width": 0.125}
-    torch.save({"model": old.state_dict(), "args": args}, tmp_path / "old.pt")
-    ckpt = harness.load_checkpoint(str(tmp_path / "old.pt"))
+    args = {"arch": "resnet18", "proj_dim": 16, "cifar_stem": True, "width": 0.125,
+            "stem_stride": 2, "proj_layers": 3, "init": "official"}
+    old = SimCLR.from_args(args)
+    torch.save({"model": old.state_dict(), "args": args}, tmp_path / "run.pt")
+    ckpt = harness.load_checkpoint(str(tmp_path / "run.pt"))
     new = SimCLR.from_args(ckpt["args"])
     new.load_state_dict(ckpt["model"])  # strict
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(new.eval()(x)[1], old.eval()(x)[1], rtol=0, atol=0)
-    current = {**ckpt["args"], "proj_out_bn": True, "proj_layers": 3}
-    assert SimCLR.from_args(current).projector.scale is not None
-    with pytest.raises(KeyError):  # from_args itself guesses nothing: every key is required
-        SimCLR.from_args(args)
+    assert new.projector.layers == 3 and new.encoder.conv1.stride == (2, 2)
+    for key in args:  # every key is required
+        with pytest.raises(KeyError):
+            SimCLR.from_args({k: v for k, v in args.items() if k != key})
+
+
+@pytest.mark.parametrize("init", ["Official", "kaiming", None])
+def test_an_unknown_init_is_one_clear_error(init):
+    with pytest.raises(ValueError, match="unknown init .*official, torchvision"):
+        SimCLR("resnet18", cifar_stem=True, width=0.125, init=init)
+    with pytest.raises(ValueError, match="unknown init"):
+        ProjectionHead(32, init=init)
 
 
 def test_residual_branches_contribute_without_zero_init():

@@ -99,9 +99,14 @@ def test_loss_py_imports_no_sibling():
 
 def reference_monitors(z1, z2):
     """float64, slow and obvious: each anchor's most similar other view (a tie shared among the
-    tied), and the per-dimension standard deviation of the normalised embeddings times sqrt(d)."""
-    z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
-    two_n, d = z.shape
+    tied), and the spread: per dimension j, the unbiased standard deviation of the normalised
+    embeddings' column j (two passes: its mean, then the squared deviations summed, over 2N - 1),
+    the mean of those d standard deviations, times sqrt(d). Python floats throughout, no torch
+    reduction."""
+    rows = [[float(v) for v in row] for row in torch.cat([z1, z2]).double()]
+    rows = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in rows]
+    z = torch.tensor(rows, dtype=torch.float64)
+    two_n, d = len(rows), len(rows[0])
     n = two_n // 2
     hits = 0.0
     for i in range(two_n):
@@ -110,7 +115,13 @@ def reference_monitors(z1, z2):
         best = max(sims)
         tied = [k for k, s in zip(others, sims) if s == best]
         hits += ((i + n) % two_n in tied) / len(tied)
-    return hits / two_n, z.std(0).mean().item() * math.sqrt(d)
+    stds = []
+    for j in range(d):
+        column = [row[j] for row in rows]
+        mean = sum(column) / two_n
+        variance = sum((v - mean) ** 2 for v in column) / (two_n - 1)
+        stds.append(math.sqrt(variance))
+    return hits / two_n, sum(stds) / d * math.sqrt(d)
 
 
 @pytest.mark.parametrize("n,tau", [(8, 0.5), (16, 0.1)])
@@ -123,7 +134,9 @@ def test_monitors_match_the_reference(n, tau):
     top1, spread = reference_monitors(z1, z2)
     assert 0 < top1 < 1  # some anchors find their positive, some not: the test can tell them apart
     assert monitors["contrastive_top1"].item() == pytest.approx(top1, abs=1e-12)
-    assert monitors["spread"].item() == pytest.approx(spread, rel=1e-9)  # the same float64 sums
+    # float64 both ways, sums of <= 32 terms in another order (eps 1.1e-16 each): ~1e-15 relative;
+    # a biased std would be off by 1 - sqrt(1 - 1 / 2N) >= 1.6%, a missing sqrt(d) by 2.8x
+    assert monitors["spread"].item() == pytest.approx(spread, rel=1e-12)
     # the loss is the same with or without them
     torch.testing.assert_close(loss, nt_xent(z1, z2, tau))
 

@@ -102,8 +102,8 @@ def test_ranks_agree_on_the_resume_or_all_stop_with_one_line(first_part, tmp_pat
 def test_saves_and_plots_every_save_every_epochs_and_always_the_last(tmp_path, monkeypatch):
     data = str(write_idx(tmp_path / "fm", n_train=16, n_test=10))  # 2 steps per epoch at batch 8
     saved, plotted = [], []
-    monkeypatch.setattr(train.Run, "save", lambda self, step: saved.append(step))
-    monkeypatch.setattr(train.Run, "plot", lambda self: plotted.append(True))
+    monkeypatch.setattr(harness.Run, "save", lambda self, step: saved.append(step))
+    monkeypatch.setattr(harness.Run, "plot", lambda self: plotted.append(True))
     run(TINY + ["--data-dir", data, "--output-dir", str(tmp_path / "r"), "--epochs", "5",
                 "--save-every-epochs", "2", "--save-every-minutes", "0"])
     assert saved == [4, 8, 10]  # epochs 2 and 4, then the last one (5)
@@ -118,8 +118,8 @@ def test_saves_wait_for_save_every_minutes(tmp_path, monkeypatch):
     data = str(write_idx(tmp_path / "fm", n_train=16, n_test=10))  # 2 steps per epoch at batch 8
     saved = []
     now = [0.0]
-    monkeypatch.setattr(train.Run, "save", lambda self, step: saved.append((step, now[0])))
-    monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(harness.Run, "save", lambda self, step: saved.append((step, now[0])))
+    monkeypatch.setattr(harness.time, "monotonic", lambda: now[0])
     real = train.train_step
 
     def step_of_25_s(*a, **k):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import eval_linear
 import finetune
 import train
-from augment import View
+from augment import ImageSpec
 from conftest import one_line_exit_2, write_idx
 from evaluation import Labelled
 from model import SimCLR
@@ -26,7 +26,7 @@ def tiny_data(n=32, size=16, classes=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
     y = torch.arange(n) % classes
-    return Labelled("tiny", "test", View(size, (0.5,) * 3, (0.25,) * 3), classes, images, y,
+    return Labelled("tiny", "test", ImageSpec(size, (0.5,) * 3, (0.25,) * 3), classes, images, y,
                     images[:8], y[:8])
 
 
@@ -139,7 +139,7 @@ def test_distillation_never_reads_the_labels_of_unlabelled_images(alpha):
             rest[labelled] = False
             y[rest] = torch.randperm(int(rest.sum()),
                                      generator=torch.Generator().manual_seed(1)) % 4
-        seen = Labelled(data.dataset, data.split, data.view, data.classes, data.train_images, y,
+        seen = Labelled(data.dataset, data.split, data.spec, data.classes, data.train_images, y,
                         data.eval_images, data.eval_labels)
         finetune.distill(teacher, student, labelled, seen,
                          ft_args("--distill-epochs", "2", "--distill-alpha", alpha),
