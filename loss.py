@@ -1,6 +1,6 @@
 """NT-Xent (normalized temperature-scaled cross entropy) loss of SimCLR, arXiv 2002.05709 (eq. 1),
-with negatives gathered from every rank under torch.distributed, and its gradient by gradient
-caching (Gao et al. 2021) for batches larger than memory."""
+with negatives gathered from every rank under torch.distributed; its multi-crop form (several
+positives per image); and its gradient by gradient caching (Gao et al. 2021) for large batches."""
 import contextlib
 
 import torch
@@ -62,6 +62,60 @@ def nt_xent(z1, z2, temperature=0.5, gather=True, monitors=False):
             tied = (logits == best).sum(1)  # (2N,) candidates at the maximum
             hit = (logits.gather(1, partner[:, None]) == best)[:, 0]  # (2N,) the positive is one
             top1 = (hit.float() / tied).mean()
+            spread = z.std(0).mean() * z.shape[1] ** 0.5
+        return loss, {"contrastive_top1": top1, "spread": spread}
+
+
+def multi_crop_nt_xent(z, crops, temperature=0.5, gather=True, monitors=False):
+    """NT-Xent with several crops per image (multi-crop, SwAV arXiv 2006.09882, section 3.2): each
+    pair of crops of an image is a positive pair, scored as eq. 1 scores SimCLR's one pair, against
+    the same negatives: every crop of every other image (of every rank under torch.distributed).
+    Mean over all C (C - 1) ordered pairs (a, p) of each image of
+
+        l(a, p) = -log( exp(s_ap) / (exp(s_ap) + sum_{k of other images} exp(s_ak)) )
+
+    s = cosine similarity / tau. The anchor's other positives are left out of its denominator:
+    they neither push a away nor dilute the pair. With C = 2 this is nt_xent (the denominator is
+    then every k != a), to float rounding.
+
+    z: (C N, d), crop c of image i at row c N + i (the large views first); the loss in float32 (or
+    float64). monitors: as nt_xent's, with a hit where the most similar other crop is one of the
+    anchor's positives (ties shared)."""
+    cn = z.shape[0]
+    if crops < 2 or cn % crops:
+        raise ValueError(f"{cn} rows are not {crops} (at least 2) crops of each image")
+    n = cn // crops
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.to(dtype), dim=1)  # (C N, d)
+        rank = 0
+        candidates = z
+        if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rank = dist.get_rank()
+            candidates = GatherWithGrad.apply(z)  # (C N world, d): rank r's rows from C N r on
+        logits = z @ candidates.T / temperature  # (C N, C N world)
+        rows = torch.arange(cn, device=z.device)
+        image = rows % n  # (C N,)
+        crop = rows // n
+        # (C N, C - 1): the columns of each anchor's positives, its image's other crops
+        others = torch.stack([(crop + k) % crops for k in range(1, crops)], dim=1)
+        positives = others * n + image[:, None] + cn * rank
+        own = torch.zeros_like(logits, dtype=torch.bool)  # the anchor's own image's C columns
+        own[:, cn * rank:cn * (rank + 1)] = image[:, None] == image[None, :]
+        # log sum exp over the negatives, shared by the anchor's C - 1 pairs
+        negatives = logits.masked_fill(own, float("-inf")).logsumexp(1)  # (C N,)
+        positive = logits.gather(1, positives)  # (C N, C - 1)
+        # -log(e^s / (e^s + e^neg)) = softplus(neg - s)
+        loss = F.softplus(negatives[:, None] - positive).mean()
+        if not monitors:
+            return loss
+        with torch.no_grad():
+            others_logits = logits.clone()
+            others_logits[rows, rows + cn * rank] = float("-inf")  # k != a
+            best = others_logits.max(1, keepdim=True).values  # (C N, 1)
+            tied = (others_logits == best).sum(1)  # (C N,)
+            hits = (positive == best).sum(1)  # (C N,) positives among the tied maxima
+            top1 = (hits.float() / tied).mean()
             spread = z.std(0).mean() * z.shape[1] ** 0.5
         return loss, {"contrastive_top1": top1, "spread": spread}
 
