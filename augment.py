@@ -85,10 +85,12 @@ def blur_kernel_size(size):
 
 class SimCLRTransform:
     """Called on a PIL image or a uint8 (C, H, W) tensor, returns (view1, view2): two independent
-    draws of the augmentation `recipe`, float32 (3, size, size), normalised as `spec` says."""
+    draws of the augmentation `recipe`, float32 (3, size, size), normalised as `spec` says; `views`
+    of them if another number (the small crops of multi-crop)."""
 
-    def __init__(self, spec, recipe=Recipe()):
+    def __init__(self, spec, recipe=Recipe(), views=2):
         self.spec = spec
+        self.views = views
         r = recipe
         ops = [
             v2.ToImage(),
@@ -112,7 +114,7 @@ class SimCLRTransform:
         self.transform = v2.Compose(ops)
 
     def __call__(self, img):
-        return self.transform(img), self.transform(img)
+        return tuple(self.transform(img) for _ in range(self.views))
 
     def __repr__(self):
         return f"SimCLRTransform({self.transform})"

@@ -4,6 +4,7 @@ image, the NT-Xent loss, train.py's step on ready views and the full step; a tab
     python bench.py                    # STL-10's recipe at 96 px, ResNet-18; minutes on a CPU
     python bench.py --arch resnet50 --width 0.25 --stem-stride 2 --image-size 28 --batch-size 256
     python bench.py --memory           # peak memory of a step, plain vs --micro-batch
+    python bench.py ... --crops 0 2 4 6  # the full step's time per number of small crops
 """
 import argparse
 import ctypes
@@ -52,6 +53,12 @@ def get_args_parser():
                         "of it")
     g.add_argument("--plain-batches", type=int, nargs="+", default=[256, 512, 1024])
     g.add_argument("--cached-batches", type=int, nargs="+", default=[1024, 4096])
+    g = p.add_argument_group("multi-crop (--crops)")
+    g.add_argument("--crops", type=int, nargs="+",
+                   help="instead of the table above: the full training step (data, the views, the "
+                        "small crops, the model) with each of these numbers of small crops, timed "
+                        "in interleaved rounds (--reps rounds of --steps steps, the fastest round "
+                        "of each): ms per step and its ratio to the first")
     return p
 
 
@@ -125,6 +132,8 @@ def bench_loss(device, reps):
 def main(args):
     if args.memory:
         return bench_memory(args)
+    if args.crops:
+        return bench_crops(args)
     device = check_device(args.device)
     cuda = device.type == "cuda"
     if args.batch_size is None:
@@ -283,6 +292,53 @@ def bench_memory(args):
     print(f"time per image at batch {batch}: plain {res['ms_per_image_plain']:.2f} ms, "
           f"micro-batches of {batch // 4} {res['ms_per_image_cached']:.2f} ms, "
           f"{res['cached_over_plain_time']:.2f}x")
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.out}")
+    return res
+
+
+def bench_crops(args):
+    """The full step at each number of small crops in --crops, interleaved: what an equal-time
+    comparison of multi-crop needs (fewer steps where a step costs more)."""
+    device = check_device(args.device)
+    args.batch_size = args.batch_size or 64
+    train.resolve_args(args)
+    batch = args.batch_size
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4 * batch, 3, args.image_size, args.image_size),
+                           dtype=torch.uint8, device=device)
+    model, opt, scaler, dtype = step_setup(args, device)
+    compile_aug = args.aug_compile if args.aug_compile is not None else device.type == "cpu"
+    aug = BatchAugment(train.image_spec(args), train.recipe(args), compile=compile_aug).to(device)
+    small_spec, small_recipe = train.small_crops(args)
+    small_aug = BatchAugment(small_spec, small_recipe, compile=compile_aug).to(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(v):
+        x = images[torch.randperm(len(images), generator=gen)[:batch].to(device)]
+        views = aug(x, gen)
+        step_args = argparse.Namespace(**{**vars(args), "small_crops": v})
+        crops = [views, small_aug(x, gen, views=v)] if v else views
+        train.train_step(model, crops, opt, scaler, dtype, step_args)
+
+    res = {"date": datetime.date.today().isoformat(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "arch": args.arch,
+           "width": args.width, "stem_stride": args.stem_stride, "image_size": args.image_size,
+           "small_size": args.small_size, "batch_size": batch, "amp": args.amp, "ms_per_step": {}}
+    print(f"full step per number of small crops on {res['device']}, {args.arch} x{args.width}, "
+          f"{args.image_size} px views, {args.small_size} px small crops, batch {batch}")
+    times = {v: [] for v in args.crops}
+    for _ in range(args.reps):  # interleaved: a slower minute slows every candidate alike
+        for v in args.crops:
+            times[v].append(timed(partial(step, v), args.steps or 3, device,
+                                  warmup=0 if times[v] else 1))
+    first = min(times[args.crops[0]])
+    for v in args.crops:
+        ms = min(times[v]) * 1e3
+        res["ms_per_step"][str(v)] = ms
+        print(f"  {v} small crops: {ms:8.1f} ms per step, {ms / (first * 1e3):.2f}x")
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {args.out}")

@@ -438,12 +438,17 @@ def mix_seed(*parts):
 
 
 class TwoViews(torch.utils.data.Dataset):
-    """((view1, view2), label) per image through `transform` (returning two views). The augmentation
-    of image i in epoch e draws from a torch RNG seeded by (seed, e, i): the same whatever the
-    workers, ranks or resumes."""
+    """((view1, view2), label) per image through `transform` (returning two views); with
+    `small_transform` ((view1, view2), (small crop 1, ...), label). The augmentation of image i in
+    epoch e draws from a torch RNG seeded by (seed, e, i): the same whatever the workers, ranks or
+    resumes."""
 
-    def __init__(self, dataset, transform, seed):
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+    def __init__(self, dataset, transform, seed, small_transform=None):
+        self.dataset = dataset
+        self.transform = transform
+        self.small_transform = small_transform
+        self.seed = seed
+        self.epoch = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -455,7 +460,10 @@ class TwoViews(torch.utils.data.Dataset):
         img, label = self.dataset[i]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, self.epoch, i))
-            return self.transform(img), label
+            views = self.transform(img)
+            if self.small_transform is None:
+                return views, label
+            return views, self.small_transform(img), label  # drawn after the large views
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -476,10 +484,16 @@ class TwoViewBatches:
     held as one uint8 tensor (whole_images: a folder's images whole, each crop box drawn on its
     original's size), its parameters drawn from a CPU generator seeded by (seed, rank, epoch, step);
     or per image, by `transform` (e.g. augment.SimCLRTransform) in DataLoader workers. Both walk the
-    same ResumableSampler order: a resumed run sees what an uninterrupted one would."""
+    same ResumableSampler order: a resumed run sees what an uninterrupted one would.
+
+    Multi-crop: with `small_crops` V > 0 and `small_augment` (batched, called with views=V) or
+    `small_transform` (per image, returning V crops), the first item is the list [views,
+    small (V n, 3, s, s)], small crop k of image i at row k n + i, drawn after the views (which stay
+    those of a run without small crops)."""
 
     def __init__(self, dataset, per_rank, rank, world, seed, device, batch_augment=None,
-                 image_size=None, transform=None, workers=0, worker_init_fn=None):
+                 image_size=None, transform=None, workers=0, worker_init_fn=None,
+                 small_crops=0, small_augment=None, small_transform=None):
         self.per_rank = per_rank
         self.rank = rank
         self.seed = seed
@@ -488,12 +502,15 @@ class TwoViewBatches:
                                         seed=seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // per_rank
         self.augment = batch_augment
+        self.small_crops = small_crops
+        self.small_augment = small_augment
         if batch_augment is not None:
             images, ys, self.sizes = whole_images(dataset, image_size)  # sizes (N, 2) on the host
             self.resident = ResidentImages(images, ys, self.device)
             self.gen = torch.Generator()  # parameters drawn on the CPU: the views of any device
         else:
-            self.dataset = TwoViews(dataset, transform, seed)
+            small = small_transform if small_crops else None
+            self.dataset = TwoViews(dataset, transform, seed, small_transform=small)
             self.loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=per_rank, sampler=self.sampler, drop_last=True,
                 num_workers=workers, pin_memory=self.device.type == "cuda",
@@ -515,12 +532,16 @@ class TwoViewBatches:
         self.sampler.skip = start * self.per_rank
         if self.augment is None:
             self.dataset.set_epoch(epoch)
-            for (v1, v2), y in self.loader:
+            for (v1, v2), *small, y in self.loader:
                 # each view from its pinned batch, then cat on the device: a cat on the host would
                 # not be pinned
                 v1 = v1.to(self.device, non_blocking=True)
                 v2 = v2.to(self.device, non_blocking=True)
-                yield torch.cat([v1, v2]), y.to(self.device, non_blocking=True)  # (2n, 3, S, S)
+                views = torch.cat([v1, v2])  # (2n, 3, S, S)
+                if small:  # V batches (n, 3, s, s) -> (V n, 3, s, s)
+                    crops = [c.to(self.device, non_blocking=True) for c in small[0]]
+                    views = [views, torch.cat(crops)]
+                yield views, y.to(self.device, non_blocking=True)
             return
         order = torch.tensor(list(self.sampler))
         steps = len(order) // self.per_rank
@@ -538,4 +559,7 @@ class TwoViewBatches:
             sizes = self.sizes[host_idx]  # (n, 2): the originals' (H, W), where crops are drawn
             self.gen.manual_seed(mix_seed(self.seed, self.rank, epoch, k))
             views = self.augment(x, self.gen, sizes=sizes)  # (2n, 3, S, S): two draws per image
+            if self.small_crops:  # (V n, 3, s, s), drawn after the views
+                small = self.small_augment(x, self.gen, sizes=sizes, views=self.small_crops)
+                views = [views, small]
             yield views, y

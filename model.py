@@ -155,7 +155,14 @@ class SimCLR(nn.Module):
                    **kwargs)
 
     def forward(self, x):
-        h = self.encoder(x)  # (B, feat_dim)
+        """x: images (B, 3, S, S), or a list of such batches of different sides (multi-crop): each
+        goes through the encoder as its own batch, so that its BN normalises each resolution on its
+        own, and the head takes them all at once, as SwAV's multi-crop does. -> (h, z) of every row,
+        in the order given."""
+        if isinstance(x, (list, tuple)):
+            h = torch.cat([self.encoder(part) for part in x])  # (sum of B, feat_dim)
+        else:
+            h = self.encoder(x)  # (B, feat_dim)
         z = self.projector(h)  # (B, proj_dim)
         return h, z
 

@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import sys
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -22,7 +23,7 @@ from harness import (Parser, Run, add_device_flags, amp_dtype, at_least, autocas
                      git_sha, ignore_sigint, make_writable_dir, ordered_pair, positive_float,
                      positive_int, probability, seed_all, setup_distributed)
 from lars import LARS
-from loss import cached_backward, nt_xent
+from loss import cached_backward, multi_crop_nt_xent, nt_xent
 from model import ARCHS, INITS, SimCLR, convert_global_bn, small_stem
 
 # Flags that cannot change what a run computes: a resumed run may pass other values. Every other
@@ -103,6 +104,18 @@ def get_args_parser():
                    help="probability of a 90, 180 or 270 degree rotation (the paper's optional "
                         "'rotate', Figure 5)")
 
+    g = p.add_argument_group("multi-crop (SwAV, arXiv 2006.09882, section 3.2)")
+    g.add_argument("--small-crops", type=at_least(0), default=0,
+                   help="V small crops per image beside the two views, every crop of an image a "
+                        "positive of every other (loss.multi_crop_nt_xent); 0 is SimCLR")
+    g.add_argument("--small-size", type=positive_int,
+                   help="side of the small crops (default: 96/224 of --image-size, SwAV's 96 px "
+                        "beside 224)")
+    g.add_argument("--small-crop-scale", type=float, nargs=2, default=(0.05, 0.14),
+                   action=ordered_pair(0, 1),
+                   help="area range of the small crops (SwAV's; it pairs them with "
+                        "--crop-scale 0.14 1 for the two large views)")
+
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=at_least(2), default=512,
                    help="global batch N over all ranks, at least 2: each image needs others as "
@@ -171,6 +184,14 @@ def resolve_args(args, world_size=1):
         args.cifar_stem = small_stem(args.image_size)
     if args.jitter_strength is None:  # the paper's CIFAR recipe uses half the colour strength
         args.jitter_strength = 0.5 if args.dataset.startswith("cifar") else 1.0
+    if args.small_size is None:
+        args.small_size = max(1, round(args.image_size * 96 / 224))
+    if args.small_crops and args.small_size > args.image_size:
+        die(f"--small-size {args.small_size} is larger than the views' {args.image_size} px: "
+            "small crops are the smaller ones; use at most --image-size")
+    if args.small_crops and args.micro_batch:
+        die("--micro-batch does not take --small-crops: use one of the two (a smaller "
+            "--batch-size for the memory)")
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     if args.sync_bn is None:
         args.sync_bn = world_size > 1
@@ -317,21 +338,33 @@ def preview(base, args):
     return save_preview(images, SimCLRTransform(spec, recipe(args)), path, seed=args.seed)
 
 
+def small_crops(args):
+    """Multi-crop's small crops: their side and normalisation, and the recipe with their scale."""
+    spec = ImageSpec(args.small_size, image_spec(args).mean, image_spec(args).std)
+    return spec, replace(recipe(args), crop_scale=args.small_crop_scale)
+
+
 def two_view_batches(base, args, rank, world, device):
-    """The rank's two-view batches, batched or per image (data.TwoViewBatches)."""
+    """The rank's two-view batches (with --small-crops, [views, small crops]), batched or per image
+    (data.TwoViewBatches)."""
     per_rank = args.batch_size // world
+    small_spec, small_recipe = small_crops(args)
     if args.pipeline == "per-image":
         transform = SimCLRTransform(image_spec(args), recipe(args))
+        small = SimCLRTransform(small_spec, small_recipe, views=args.small_crops)
         return TwoViewBatches(base, per_rank, rank, world, args.seed, device, transform=transform,
-                              workers=args.workers, worker_init_fn=ignore_sigint)
+                              workers=args.workers, worker_init_fn=ignore_sigint,
+                              small_crops=args.small_crops, small_transform=small)
     compile_aug = args.aug_compile
     # the CPU's elementwise kernels gain 10x; a GPU gains with the model's compile
     if compile_aug is None:
         compile_aug = device.type == "cpu" or args.compile
     aug = BatchAugment(image_spec(args), recipe(args), compile=compile_aug).to(device)
+    small = BatchAugment(small_spec, small_recipe, compile=compile_aug).to(device)
     try:
         return TwoViewBatches(base, per_rank, rank, world, args.seed, device, batch_augment=aug,
-                              image_size=args.image_size)
+                              image_size=args.image_size, small_crops=args.small_crops,
+                              small_augment=small)
     except TooLargeToHold as e:
         die(f"{e}: use --pipeline per-image (decodes each image when it is needed) or a smaller "
             "--image-size", every_rank=True)
@@ -408,8 +441,11 @@ def loop(run, net, batches, probe, schedule, step):
 
 def train_step(net, views, optimizer, scaler, dtype, args):
     """One optimiser step on (2n, 3, S, S) views, view 1 of image i at row i and view 2 at row n + i
-    (gradient caching when --micro-batch < n). -> (the loss, h without a graph, the label-free
-    monitors of loss.nt_xent), no host sync."""
+    (gradient caching when --micro-batch < n); with --small-crops on the list [views, small crops
+    (V n, 3, s, s)]. -> (the loss, h of the views without a graph, the label-free monitors of
+    loss.nt_xent), no host sync."""
+    if isinstance(views, list):
+        return multi_crop_step(net, views, optimizer, scaler, dtype, args)
     n = views.shape[0] // 2
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     optimizer.zero_grad(set_to_none=True)
@@ -430,6 +466,25 @@ def train_step(net, views, optimizer, scaler, dtype, args):
     scaler.step(optimizer)  # unscales first: LARS sees the true gradients
     scaler.update()
     return loss.detach(), h.detach(), monitors
+
+
+
+def multi_crop_step(net, crops, optimizer, scaler, dtype, args):
+    """train_step with small crops: [views (2n, 3, S, S), small (V n, 3, s, s)] in one forward
+    (the encoder takes each resolution as its own batch, model.SimCLR.forward), the loss over the
+    2 + V crops of each image (loss.multi_crop_nt_xent), backpropagated x 2 as the two-view loss."""
+    views, small = crops
+    n = views.shape[0] // 2
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(views.device, dtype):
+        parts = [c.contiguous(memory_format=memory_format) for c in crops]
+        h, z = net(parts)  # (2n + V n, d), (2n + V n, proj_dim), crop-major
+    loss, monitors = multi_crop_nt_xent(z, 2 + args.small_crops, args.temperature, monitors=True)
+    scaler.scale(2 * loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), h[:2 * n].detach(), monitors
 
 
 if __name__ == "__main__":
