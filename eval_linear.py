@@ -5,15 +5,17 @@ import argparse
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
 import evaluation as ev
-from augment import enlarge
-from harness import (Parser, amp_dtype, at_least, check_device, die, figure, make_writable_dir,
-                     positive_float, positive_int, save_figure)
+from augment import ImageSpec, enlarge
+from data import DATASETS, DatasetError, get_dataset, uint8_images
+from harness import (Parser, amp_dtype, at_least, atomic_write, check_device, die, figure,
+                     make_writable_dir, positive_float, positive_int, save_figure)
 
 WEIGHT_DECAYS = [10.0 ** e for e in range(-6, -1)]  # grid for the logistic regression, per sample
 PATH_ITERS = 50  # L-BFGS iterations per weight decay while choosing it (a warm-started path)
@@ -47,6 +49,13 @@ def get_args_parser():
     g.add_argument("--knn-k", type=positive_int, default=200)
     g.add_argument("--knn-t", type=positive_float, default=0.07,
                    help="vote temperature")
+    g.add_argument("--save-features", metavar="DIR",
+                   help="also write each encoder's frozen features h (or after --head-layers K) "
+                        "to DIR/ENCODER[_headK]_SPLIT.npz, one file per split (train, and test or "
+                        "val), in the order of the dataset: features (N, d), labels (-1: none), "
+                        "index (the image's index in its split); a folder without class "
+                        "sub-folders: the features of every image in it (SPLIT unlabeled, and its "
+                        "paths), nothing evaluated")
     g.add_argument("--neighbours", type=at_least(0), default=8,
                    help="queries of neighbours_DATASET.png, each with its 8 nearest training "
                         "images by every encoder's features; 0: no picture")
@@ -67,9 +76,14 @@ def main(args):
             die(f"--head-layers {max(args.head_layers)}: the projection head of {enc.path} has "
                 f"{layers} layers: use 0 (h) to {layers} (z)")
     out = ev.output_dir(args)
-    # check that the results folder is writable now, not after the work
+    # check that the results folders are writable now, not after the work
     make_writable_dir(out, f"the results folder {out}", "pass --output-dir DIR")
+    if args.save_features:
+        make_writable_dir(args.save_features, f"--save-features {args.save_features}",
+                          "pass a folder you can write to")
     first = encoders[0].train_args
+    if args.save_features and unlabelled_folder(args, first):
+        return folder_features(args, encoders, first, device, dtype)
     data = ev.load_data(args, first, device)
     rows = []
     # encoder name -> (train features, evaluation features) for the neighbours picture
@@ -87,6 +101,12 @@ def main(args):
         for k in depths:
             net = None if model is None else frozen_net(model, k)
             train, held = frozen_features(enc.name, net, data, device, dtype)
+            if args.save_features:
+                tag = enc.name + (f"_head{k}" if k else "")
+                write_features(args.save_features, f"{tag}_train", train, data.train_labels,
+                               data.train_index)
+                write_features(args.save_features, f"{tag}_{data.split}", held, data.eval_labels,
+                               data.eval_index)
             if enc.name not in pictured:
                 pictured[enc.name] = (train, held)
             if k:
@@ -98,6 +118,54 @@ def main(args):
     if picture:
         print(f"neighbours picture in {time.time() - t1:.1f} s")
     return ev.report(out, data, args, rows, "eval_linear", t0, first, plots=[picture])
+
+
+# ---------------------------------------------------------------------------------- saved features
+def write_features(folder, stem, features, labels, index, **more):
+    """FOLDER/STEM.npz: features (N, d) float32, labels (N,) int64, index (N,) int64, and `more`."""
+    path = os.path.join(folder, stem + ".npz")
+    arrays = dict(features=features.float().cpu().numpy(), labels=labels.long().numpy(),
+                  index=index.long().numpy(), **more)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    print(f"wrote {path}: {arrays['features'].shape[0]} x {arrays['features'].shape[1]} features")
+    return path
+
+
+def unlabelled_folder(args, train_args):
+    """Whether --dataset folder's images have no train/test (or val) class sub-folders."""
+    dataset = args.dataset or train_args["dataset"]
+    root = args.data_dir
+    if root is None and dataset == train_args["dataset"]:
+        root = train_args.get("data_dir")
+    if dataset != "folder" or not root:
+        return False
+    return not any(os.path.isdir(os.path.join(root, s)) for s in ("train", "test", "val"))
+
+
+def folder_features(args, encoders, train_args, device, dtype):
+    """--save-features on a folder without labels: every image's features, per encoder, into
+    DIR/ENCODER_unlabeled.npz with the images' paths; no protocol runs (none has labels)."""
+    if args.random_init:
+        die("--random-init picks its random network with labels: for a folder without class "
+            "sub-folders pass --ckpt (and --pixels) only")
+    root = args.data_dir or train_args.get("data_dir")
+    size = args.image_size or train_args.get("image_size") or DATASETS["folder"]["size"]
+    try:
+        folder = get_dataset("folder", root, "unlabeled")
+    except DatasetError as e:
+        die(str(e))
+    images, labels = uint8_images(folder, size)
+    spec = ImageSpec(size, DATASETS["folder"]["mean"], DATASETS["folder"]["std"])
+    written = []
+    for enc in encoders:
+        net = None
+        if enc.model is not None:
+            net = enc.model.encoder.to(device, memory_format=torch.channels_last).eval()
+        features = ev.features(net, images, spec, device, dtype, f"{enc.name} unlabeled")
+        written.append(write_features(args.save_features, f"{enc.name}_unlabeled", features,
+                                      labels, torch.arange(len(labels)),
+                                      paths=np.array(folder.files)))
+    return written
 
 
 def frozen_net(model, k):

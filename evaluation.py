@@ -130,6 +130,8 @@ class Labelled:
     train_labels: torch.Tensor
     eval_images: torch.Tensor
     eval_labels: torch.Tensor
+    train_index: torch.Tensor = None  # each image's index in the split it comes from (train)
+    eval_index: torch.Tensor = None  # (test; or train, for the validation images)
 
     @property
     def suffix(self):
@@ -154,20 +156,24 @@ def load_data(args, train_args, device):
     except DatasetError as e:
         die(str(e))
     train_images, train_labels = uint8_images(train_set, size)
+    train_index = torch.arange(len(train_labels))
     if test_set is None:
         val = balanced_subset(train_labels, args.val_fraction, args.val_seed)
         rest = torch.ones(len(train_labels), dtype=torch.bool)
         rest[val] = False
-        eval_images, eval_labels = train_images[val], train_labels[val]
+        eval_images, eval_labels, eval_index = train_images[val], train_labels[val], val
         train_images, train_labels = train_images[rest], train_labels[rest]
+        train_index = train_index[rest]
     else:
         eval_images, eval_labels = uint8_images(test_set, size)
+        eval_index = torch.arange(len(eval_labels))
     pick_train = random_subset(len(train_labels), args.max_train_samples, args.seed)
     pick_eval = random_subset(len(eval_labels), args.max_test_samples, args.seed)
     classes = info["num_classes"] or int(max(train_labels.max(), eval_labels.max())) + 1
     return Labelled(dataset, args.eval_on, ImageSpec(size, info["mean"], info["std"]), classes,
                     train_images[pick_train], train_labels[pick_train],
-                    eval_images[pick_eval], eval_labels[pick_eval])
+                    eval_images[pick_eval], eval_labels[pick_eval],
+                    train_index[pick_train], eval_index[pick_eval])
 
 
 def random_subset(n, k, seed):
