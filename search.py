@@ -3,10 +3,12 @@ scale): pretrain a base recipe and one change at a time, score each by the linea
 held out of the training split (the test split is never read), then combine the winning changes.
 
     make search            # the demo's recipe and its candidates, two runs at a time
-    make recheck           # the demo's other settings, each against its neighbours, and a second seed
+    make recheck           # the demo's settings against their neighbours, and a second seed
+    make multicrop         # the demo's recipe with small crops, at equal time, two seeds each
     python search.py --base "--dataset fashion-mnist ..." --out runs/search --jobs 2
 
-Writes OUT/search.md (the table) and OUT/search.json; rerunning skips the runs already scored.
+Writes OUT/search_CHANGES.md (the table) and OUT/search_CHANGES.json; rerunning skips the runs
+already scored, also those another set of changes shares (the base, its second seed).
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # One change at a time from the base recipe: (axis, name, train.py flags), in named sets. The
 # network's shape and the batch are compared at equal pretraining time (their steps scaled by their
 # measured speed), everything else at equal steps. A change the base already has is skipped.
+SEED_1 = ", seed 1"  # a candidate again with --seed 1: the speed of the one without it
 CHANGE_SETS = {
     "recipe": [
         ("arch", "resnet18 w0.5", ["--arch", "resnet18", "--width", "0.5"]),
@@ -51,8 +54,17 @@ CHANGE_SETS = {
         ("batch", "batch 128", ["--batch-size", "128"]),
         ("batch", "batch 512", ["--batch-size", "512"]),
     ],
+    # multi-crop (SwAV): V small crops of 12 px beside the two 28 px views, their scale up to the
+    # views' lower bound (SwAV's split: 0.05-0.14 below 0.14-1), at equal pretraining time; two
+    # seeds each, the base's second seed as in "recheck"
+    "multicrop": [("seed", "seed 1", ["--seed", "1"])] + [
+        ("crops", f"{v} small crops{seed_name}",
+         ["--small-crops", str(v), "--small-size", "12", "--small-crop-scale", "0.05", "0.25"]
+         + seed_flags)
+        for v in (2, 4, 6)
+        for seed_name, seed_flags in (("", []), (SEED_1, ["--seed", "1"]))],
 }
-EQUAL_TIME = {"arch", "stem", "batch"}  # axes compared at equal pretraining time
+EQUAL_TIME = {"arch", "stem", "batch", "crops"}  # axes compared at equal pretraining time
 NOT_COMBINED = {"seed"}  # axes that measure noise, not a recipe
 # steps of each architecture's speed measurement; the first window (compiling) is left out
 CALIBRATION_STEPS = 60
@@ -137,7 +149,7 @@ def equal_time_flags(base, name, change, steps, runner):
     steps x batch / img/s, the same for both; --epochs and --warmup-epochs scaled so that the run
     can hold the steps and warms up for the same share of them."""
     base_rate = runner.rate("calibrate base", base)
-    rate = runner.rate("calibrate " + name, base + change)
+    rate = runner.rate("calibrate " + name.removesuffix(SEED_1), base + change)
     batch = int(flag_value(base + change, "--batch-size")[0])
     base_batch = int(flag_value(base, "--batch-size")[0])
     new_steps = round(steps * base_batch / batch * rate / base_rate)
@@ -213,12 +225,22 @@ def write_table(args, candidates, scores, chosen, rates):
         lines.append(f"| {name} | `{shlex.join(change)}` | {s['top1']:.2f} | {gain:+.2f} | "
                      f"{s['pretrain_seconds']:.0f} |")
     lines += ["", f"Chosen: **{chosen[1]}** (`{shlex.join(chosen[2])}`)."]
+    # a run and its second seed (the base and "seed 1"): the mean and the spread of the two
+    seeds = {}
+    for _, name, _ in candidates:
+        key = "base" if name == "seed 1" else name.removesuffix(SEED_1)
+        seeds.setdefault(key, []).append(scores[name]["top1"])
+    pairs = {k: v for k, v in seeds.items() if len(v) == 2}
+    if pairs:
+        means = ", ".join(f"{k} {statistics.mean(v):.2f} (+-{abs(v[0] - v[1]) / 2:.2f})"
+                          for k, v in pairs.items())
+        lines.append(f"Mean of seeds 0 and 1 (+- half their difference): {means}.")
     if rates:
         speeds = ", ".join(f"{k.removeprefix('calibrate ')} {v:.0f}" for k, v in rates.items())
         lines.append(f"Speed of each architecture (img/s, all threads): {speeds}.")
-    with open(os.path.join(args.out, "search.md"), "w") as f:
+    with open(os.path.join(args.out, f"search_{args.changes}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "search.json"), "w") as f:
+    with open(os.path.join(args.out, f"search_{args.changes}.json"), "w") as f:
         json.dump({"base": args.base, "scores": scores, "rates": rates,
                    "candidates": [{"axis": a, "name": n, "change": c} for a, n, c in candidates],
                    "chosen": chosen[1]}, f, indent=1)
