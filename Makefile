@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: setup data demo demo-val length v2 v2-val search recheck multicrop test bench gpu-check gpu-check-cpu
+.PHONY: setup data demo demo-val length v2 v2-val search recheck multicrop test bench bench-cpu gpu-check gpu-check-cpu
 
 setup:
 	$(PYTHON) -m pip install -q --root-user-action=ignore -r requirements.txt
@@ -25,8 +25,10 @@ data:
 # batch 256, crops of 25-100% of the image, the paper's colour strength 1.0, tau 0.5 and a LARS rate of 4.8 (a
 # short run wants a high one); then the linear probes of SimCLR, the strongest random-init network and raw pixels
 # (eval_linear.py, which also draws neighbours_fashion-mnist.png), and the ablation: fine-tuning both networks on
-# 10% of the labels, each at its own rate (finetune.py). Every choice was made on validation images (make search,
-# make demo-val; BENCHMARKS.md); make demo reads the test split once. About 10 minutes on 2 CPU cores.
+# 10% of the labels, each at its own rate (finetune.py). Its settings, first tuned on the test split, are
+# re-checked on validation images (make search, make recheck, make demo-val; BENCHMARKS.md): nothing here is
+# chosen on the test split, which eval_linear.py scores once per encoder and finetune.py after each epoch
+# (reporting the last). About 10-12 minutes on 2 CPU cores (BENCHMARKS.md).
 DEMO_TRAIN ?= --arch resnet50 --width 0.25 --stem-stride 2 --batch-size 256 --epochs 4 --max-steps 819 \
   --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.5 --lr 4.8 --seed $(SEED)
 DEMO_EVAL ?= --random-init --pixels --seed $(SEED)
@@ -80,7 +82,8 @@ v2-val: setup data
 # The recipe search on validation (BENCHMARKS.md): the demo's pretraining and one change at a time (ResNet-18
 # at width 0.5 for the same time, tau, crop scale, colour strength, LARS rate), each scored by the linear probe on
 # images held out of the training split, then the winners combined. Two runs at a time on one thread each;
-# rerunning skips the runs already scored. About 1.5 hours on 2 CPU cores.
+# rerunning skips the runs already scored. About 2 hours on 2 CPU cores (BENCHMARKS.md's table: 13,000 s of
+# pretraining, two runs at a time).
 # BENCHMARKS.md's table searched around the recipe before it (tau 0.2): make search SEARCH_BASE="... --temperature 0.2 ..."
 SEARCH_DIR ?= runs/search
 SEARCH_BASE ?= --dataset fashion-mnist $(DEMO_TRAIN)
@@ -107,6 +110,21 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench.py
+
+# The CPU tables of BENCHMARKS.md: bench.py at STL-10's recipe (96 px, ResNet-18, batch 64), then at the
+# demo's scale with the allocator thresholds above, with glibc's defaults and with --compile, alternated
+# twice, then the step per number of small crops; each writes bench-*.json. About 15 minutes on 2 cores.
+DEMO_BENCH ?= --arch resnet50 --width 0.25 --stem-stride 2 --image-size 28 --batch-size 256 --steps 10
+bench-cpu: setup
+	$(PYTHON) bench.py --out bench-stl10.json
+	for i in 1 2; do \
+	  $(PYTHON) bench.py $(DEMO_BENCH) --out bench-demo-$$i.json && \
+	  env -u MALLOC_MMAP_THRESHOLD_ -u MALLOC_TRIM_THRESHOLD_ \
+	    $(PYTHON) bench.py $(DEMO_BENCH) --out bench-glibc-$$i.json && \
+	  $(PYTHON) bench.py $(DEMO_BENCH) --compile --out bench-compile-$$i.json || exit 1; \
+	done
+	$(PYTHON) bench.py $(DEMO_BENCH) --steps 3 --reps 3 --crops 0 2 4 6 --small-size 12 \
+	  --small-crop-scale 0.05 0.25 --out bench-crops.json
 
 # The GPU check in one command (.ci/gpu_check.py): the CUDA tests, bench.py, 300 steps of train.py on a
 # synthetic 96 px folder (batch 512 eager and compiled, batch 1024) and eval_linear.py, each part under its
