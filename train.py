@@ -360,7 +360,9 @@ def two_view_batches(base, args, rank, world, device):
     if compile_aug is None:
         compile_aug = device.type == "cpu" or args.compile
     aug = BatchAugment(image_spec(args), recipe(args), compile=compile_aug).to(device)
-    small = BatchAugment(small_spec, small_recipe, compile=compile_aug).to(device)
+    small = None
+    if args.small_crops:
+        small = BatchAugment(small_spec, small_recipe, compile=compile_aug).to(device)
     try:
         return TwoViewBatches(base, per_rank, rank, world, args.seed, device, batch_augment=aug,
                               image_size=args.image_size, small_crops=args.small_crops,
