@@ -75,8 +75,9 @@ def get_args_parser():
     p.add_argument("--base", required=True,
                    help="train.py flags of the base recipe, one string (make search passes the "
                         "demo's)")
-    p.add_argument("--changes", default="recipe", choices=list(CHANGE_SETS),
-                   help="which set of changes to try (default: %(default)s)")
+    p.add_argument("--changes", nargs="+", default=["recipe"], choices=list(CHANGE_SETS),
+                   help="which sets of changes to try; several share their calibration and runs, "
+                        "a table each (default: %(default)s)")
     p.add_argument("--out", default=os.path.join("runs", "search"), help="(default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at a time, each with cpu_count / jobs threads (default: %(default)s)")
@@ -94,24 +95,56 @@ def main(args):
 
     # 1. each network's and batch's speed, alone on the machine, so that they train for equal time
     steps = int(flag_value(base, "--max-steps")[0])
-    candidates = [("base", "base", [])]
-    for axis, name, change in CHANGE_SETS[args.changes]:
-        if all(flag_value(base, f) == flag_value(change, f) for f in flags_of(change)):
-            continue  # the base already has this value
-        if axis in EQUAL_TIME:
-            change = change + equal_time_flags(base, name, change, steps, runner)
-        candidates.append((axis, name, change))
+    candidates = {}  # set of changes -> [(axis, name, flags)]
+    for changes in args.changes:
+        candidates[changes] = [("base", "base", [])]
+        for axis, name, change in CHANGE_SETS[changes]:
+            if all(flag_value(base, f) == flag_value(change, f) for f in flags_of(change)):
+                continue  # the base already has this value
+            if axis in EQUAL_TIME:
+                change = change + equal_time_flags(base, name, change, steps, runner)
+            candidates[changes].append((axis, name, change))
 
-    # 2. the candidates, `jobs` at a time
+    # 2. the candidates of every set, `jobs` at a time, each run once
+    runs = {}
+    for cands in candidates.values():
+        runs.update({name: argv for _, name, argv in cands})
     with ThreadPoolExecutor(args.jobs) as pool:
-        scores = dict(zip([c[1] for c in candidates],
-                          pool.map(lambda c: runner.score(c[1], base + c[2]), candidates)))
+        scores = dict(zip(runs, pool.map(lambda n: runner.score(n, base + runs[n]), runs)))
 
-    # 3. the winners of each axis together
+    for changes, cands in candidates.items():
+        if any(axis in NOT_COMBINED for axis, _, _ in cands):
+            chosen = adopt(cands, scores)
+        else:
+            chosen = combine(cands, scores, runner, base)
+        write_table(args.base, changes, args.out, cands, scores, chosen, runner.rates)
+    return scores
+
+
+def seed_groups(candidates, scores):
+    """Each run's top-1 with its second seed's (the base's second seed is "seed 1")."""
+    groups = {}
+    for _, name, _ in candidates:
+        key = "base" if name == "seed 1" else name.removesuffix(SEED_1)
+        groups.setdefault(key, []).append(scores[name]["top1"])
+    return groups
+
+
+def adopt(candidates, scores):
+    """In a set with the base's second seed: the best change (the mean of its seeds) when it beats
+    the base's mean by more than the base's two seeds differ, otherwise the base."""
+    groups = seed_groups(candidates, scores)
+    noise = max(groups["base"]) - min(groups["base"])
+    best = max(groups, key=lambda k: statistics.mean(groups[k]))
+    gain = statistics.mean(groups[best]) - statistics.mean(groups["base"])
+    name = best if gain > noise else "base"
+    return next(c for c in candidates if c[1] == name)
+
+
+def combine(candidates, scores, runner, base):
+    """The winners of each axis together, run once more; returns the best candidate."""
     best = {}
     for axis, name, change in candidates[1:]:
-        if axis in NOT_COMBINED:
-            continue
         if scores[name]["top1"] > scores["base"]["top1"] and (
                 axis not in best or scores[name]["top1"] > scores[best[axis][0]]["top1"]):
             best[axis] = (name, change)
@@ -120,10 +153,7 @@ def main(args):
         name = " + ".join(n for n, _ in best.values())
         candidates.append(("combined", name, combined))
         scores[name] = runner.score(name, base + combined)
-
-    chosen = max(candidates, key=lambda c: scores[c[1]]["top1"])
-    write_table(args, candidates, scores, chosen, runner.rates)
-    return scores
+    return max(candidates, key=lambda c: scores[c[1]]["top1"])
 
 
 def flags_of(tokens):
@@ -214,9 +244,9 @@ class Runner:
         return {"top1": summary["simclr_top1"], "pretrain_seconds": summary["pretrain_seconds"]}
 
 
-def write_table(args, candidates, scores, chosen, rates):
+def write_table(base, changes, out, candidates, scores, chosen, rates):
     base_top1 = scores["base"]["top1"]
-    lines = [f"Base recipe: `{args.base}`", "",
+    lines = [f"Base recipe: `{base}`", "",
              "| run | change | validation top-1 | vs base | pretraining s |",
              "| --- | --- | ---: | ---: | ---: |"]
     for _, name, change in candidates:
@@ -226,22 +256,22 @@ def write_table(args, candidates, scores, chosen, rates):
                      f"{s['pretrain_seconds']:.0f} |")
     lines += ["", f"Chosen: **{chosen[1]}** (`{shlex.join(chosen[2])}`)."]
     # a run and its second seed (the base and "seed 1"): the mean and the spread of the two
-    seeds = {}
-    for _, name, _ in candidates:
-        key = "base" if name == "seed 1" else name.removesuffix(SEED_1)
-        seeds.setdefault(key, []).append(scores[name]["top1"])
-    pairs = {k: v for k, v in seeds.items() if len(v) == 2}
+    pairs = {k: v for k, v in seed_groups(candidates, scores).items() if len(v) == 2}
     if pairs:
         means = ", ".join(f"{k} {statistics.mean(v):.2f} (+-{abs(v[0] - v[1]) / 2:.2f})"
                           for k, v in pairs.items())
         lines.append(f"Mean of seeds 0 and 1 (+- half their difference): {means}.")
+    if "seed 1" in scores and any(n == "seed 1" for _, n, _ in candidates):
+        noise = abs(scores["base"]["top1"] - scores["seed 1"]["top1"])
+        lines.append(f"A change is adopted when its mean beats the base's two-seed mean by more than "
+                     f"the base's two seeds differ ({noise:.2f} points).")
     if rates:
         speeds = ", ".join(f"{k.removeprefix('calibrate ')} {v:.0f}" for k, v in rates.items())
         lines.append(f"Speed of each architecture (img/s, all threads): {speeds}.")
-    with open(os.path.join(args.out, f"search_{args.changes}.md"), "w") as f:
+    with open(os.path.join(out, f"search_{changes}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, f"search_{args.changes}.json"), "w") as f:
-        json.dump({"base": args.base, "scores": scores, "rates": rates,
+    with open(os.path.join(out, f"search_{changes}.json"), "w") as f:
+        json.dump({"base": base, "scores": {n: scores[n] for _, n, _ in candidates}, "rates": rates,
                    "candidates": [{"axis": a, "name": n, "change": c} for a, n, c in candidates],
                    "chosen": chosen[1]}, f, indent=1)
     print("\n".join(lines))
