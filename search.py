@@ -263,8 +263,8 @@ def write_table(base, changes, out, candidates, scores, chosen, rates):
         lines.append(f"Mean of seeds 0 and 1 (+- half their difference): {means}.")
     if "seed 1" in scores and any(n == "seed 1" for _, n, _ in candidates):
         noise = abs(scores["base"]["top1"] - scores["seed 1"]["top1"])
-        lines.append(f"A change is adopted when its mean beats the base's two-seed mean by more than "
-                     f"the base's two seeds differ ({noise:.2f} points).")
+        lines.append(f"A change is adopted when its mean beats the base's two-seed mean by more "
+                     f"than the base's two seeds differ ({noise:.2f} points).")
     if rates:
         speeds = ", ".join(f"{k.removeprefix('calibrate ')} {v:.0f}" for k, v in rates.items())
         lines.append(f"Speed of each architecture (img/s, all threads): {speeds}.")
