@@ -64,7 +64,8 @@ length: setup data
 # SimCLRv2's semi-supervised recipe at CPU scale (arXiv 2006.10029): the demo's pretraining with v2's 3-layer
 # head, then on 1% and 10% of the labels: the linear probe, fine-tuning from the encoder and from the head's first
 # layer, the distilled student (every training image, no labels, the head-layer-1 network as teacher) and the
-# random-init network fine-tuned. Rates chosen on validation (make v2-val). About 18 minutes on 2 CPU cores.
+# random-init network fine-tuned. Rates chosen on validation (make v2-val); its time and a table
+# of its results at this revision are not measured yet.
 V2_DIR ?= runs/v2-seed$(SEED)
 V2_FRACTIONS ?= --random-init --label-fraction 0.01 0.1 --seed $(SEED)
 V2_FINETUNE ?= $(V2_FRACTIONS) --epochs 60 8 --head-layers 0 1 --distill --distill-epochs 2
