@@ -28,7 +28,7 @@ data:
 # 10% of the labels, each at its own rate (finetune.py). Its settings, first tuned on the test split, are
 # re-checked on validation images (make search, make recheck, make demo-val; BENCHMARKS.md): nothing here is
 # chosen on the test split, which eval_linear.py scores once per encoder and finetune.py after each epoch
-# (reporting the last). About 10-12 minutes on 2 CPU cores (BENCHMARKS.md).
+# (reporting the last). About 9-10 minutes on 2 CPU cores (BENCHMARKS.md).
 DEMO_TRAIN ?= --arch resnet50 --width 0.25 --stem-stride 2 --batch-size 256 --epochs 4 --max-steps 819 \
   --warmup-epochs 0.3 --crop-scale 0.25 1 --temperature 0.5 --lr 4.8 --seed $(SEED)
 DEMO_EVAL ?= --random-init --pixels --seed $(SEED)
