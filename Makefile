@@ -65,8 +65,8 @@ length: setup data
 # head, then on 1% and 10% of the labels: the linear probe, fine-tuning from the encoder and from the head's first
 # layer, the distilled student (every training image, no labels, the head-layer-1 network as teacher) and the
 # random-init network fine-tuned. The rates are make v2-val's (BENCHMARKS.md): 0.1 for SimCLR (the best mean
-# of its four rows), 0.2 for random init (of its two), both inside the grid. About 18 minutes on 2 CPU cores
-# (make v2-val: 28), BENCHMARKS.md's 3-seed table.
+# of its four rows), 0.2 for random init (of its two), both inside the grid. About 18 minutes on a 2-core AMD
+# EPYC (make v2-val: 28), BENCHMARKS.md's 3-seed table.
 V2_DIR ?= runs/v2-seed$(SEED)
 V2_FRACTIONS ?= --random-init --label-fraction 0.01 0.1 --seed $(SEED)
 V2_FINETUNE ?= $(V2_FRACTIONS) --epochs 60 8 --head-layers 0 1 --distill --distill-epochs 2
